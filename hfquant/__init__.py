@@ -1,0 +1,14 @@
+"""hfquant: weight quantization for Hugging Face transformers.
+
+``import hfquant`` registers ``quant_method="hfquant"`` with transformers, so
+``from_pretrained(path, quantization_config=hfquant.HfQuantConfig(...))`` quantizes a model and
+``from_pretrained(saved)`` reloads a saved one.
+"""
+
+from hfquant.formats import WeightFormat
+from hfquant.hf import HfQuantConfig, HfQuantQuantizer, register
+
+register()
+
+__version__ = "0.1.0"
+__all__ = ["HfQuantConfig", "HfQuantQuantizer", "WeightFormat", "__version__"]

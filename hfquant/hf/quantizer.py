@@ -1,0 +1,57 @@
+"""``HfQuantQuantizer``: the ``from_pretrained`` lifecycle for ``quant_method="hfquant"``.
+
+Thin by design: module surgery is in :mod:`hfquant.hf.integration`, the maths in
+:mod:`hfquant.quantize` and :mod:`hfquant.algorithms`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.quantizers_utils import get_module_from_name
+
+from hfquant.hf import integration
+from hfquant.hf.config import HfQuantConfig
+from hfquant.nn.qlinear import QuantLinear
+
+
+class HfQuantQuantizer(HfQuantizer):
+    """Quantizes while loading (RTN), after loading (calibrated methods), or loads a packed checkpoint."""
+
+    requires_calibration = False
+    quantization_config: HfQuantConfig
+
+    def _process_model_before_weight_loading(self, model: Any, keep_in_fp32_modules: list[str] | None = None,
+                                             **kwargs: Any) -> None:
+        config = self.quantization_config
+        skip = self.get_modules_to_not_convert(model, config.modules_to_not_convert, keep_in_fp32_modules)
+        config.modules_to_not_convert = sorted(skip)
+        if self.pre_quantized or not config.calibrated:
+            integration.replace_linear_layers(model, config.weight_format, config.modules_to_not_convert)
+
+    def param_needs_quantization(self, model: Any, param_name: str, **kwargs: Any) -> bool:
+        if self.pre_quantized:
+            return False
+        module, tensor_name = get_module_from_name(model, param_name)
+        return isinstance(module, QuantLinear) and tensor_name == "weight"
+
+    def get_quantize_ops(self) -> integration.QuantizeWeight:
+        return integration.QuantizeWeight(self.quantization_config.weight_format)
+
+    def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        for module in model.modules():
+            if isinstance(module, QuantLinear):
+                module.requires_grad_(False)
+        return model
+
+    def _dequantize(self, model: Any, dtype: torch.dtype | None = None) -> Any:
+        return integration.dequantize_model(model, dtype or torch.float32)
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False

@@ -1,0 +1,92 @@
+"""Dense bit packing of integer codes into int32 words, driven by one small layout table.
+
+Codes of ``bits`` bits are laid end to end, little-endian, along the last dimension: code ``j`` of
+a row occupies bits ``[bits * j, bits * (j + 1))`` of that row's bit stream, and bit ``k`` of the
+stream is bit ``k % 32`` of word ``k // 32``. A *unit* is the smallest run of codes that fills
+whole words (``lcm(bits, 32)`` bits): 16 codes in 1 word at 2 bits, 32 codes in 3 words at 3 bits,
+8 codes in 1 word at 4 bits, 4 codes in 1 word at 8 bits. Rows are zero-padded to whole units.
+
+So a layer with ``in_features`` inputs stores ``packed_width(in_features, bits)`` int32 words per
+output row: exactly ``bits`` bits per weight when ``in_features`` is a multiple of the unit.
+Words are stored as ``torch.int32`` (safetensors ``I32``) holding the unsigned 32-bit pattern.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+WORD_BITS = 32
+_PACK_CHUNK_ROWS = 1024  # bounds the temporary int64 tensors of `pack` on large layers
+
+
+@lru_cache(maxsize=None)
+def unit_layout(bits: int) -> tuple[int, int]:
+    """``(codes per unit, words per unit)`` for codes of ``bits`` bits."""
+    if not 1 <= bits <= 16:
+        raise ValueError(f"bits={bits!r} cannot be packed; allowed: 1..16")
+    unit_bits = math.lcm(bits, WORD_BITS)
+    return unit_bits // bits, unit_bits // WORD_BITS
+
+
+def packed_width(num_codes: int, bits: int) -> int:
+    """Words needed to store ``num_codes`` codes of ``bits`` bits (whole units)."""
+    codes_per_unit, words_per_unit = unit_layout(bits)
+    return math.ceil(num_codes / codes_per_unit) * words_per_unit
+
+
+@lru_cache(maxsize=None)
+def _code_positions(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each code of a unit: index of the word it starts in, and its bit offset there."""
+    codes_per_unit, _ = unit_layout(bits)
+    start = torch.arange(codes_per_unit, dtype=torch.int64) * bits
+    return start // WORD_BITS, start % WORD_BITS
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned integer ``codes`` (``0 <= c < 2**bits``) along the last dim into int32 words."""
+    if codes.is_floating_point():
+        raise TypeError(f"codes must be an integer tensor, got dtype={codes.dtype}")
+    rows = codes.reshape(-1, codes.shape[-1])
+    packed = torch.cat([_pack_rows(chunk, bits) for chunk in rows.split(_PACK_CHUNK_ROWS)])
+    return packed.reshape(*codes.shape[:-1], -1)
+
+
+def _pack_rows(rows: torch.Tensor, bits: int) -> torch.Tensor:
+    codes_per_unit, words_per_unit = unit_layout(bits)
+    num_rows, num_codes = rows.shape
+    padded = torch.zeros(num_rows, math.ceil(num_codes / codes_per_unit) * codes_per_unit,
+                         dtype=torch.int64, device=rows.device)
+    padded[:, :num_codes] = rows.to(torch.int64) & (2**bits - 1)
+    units = padded.reshape(num_rows, -1, 1, codes_per_unit)
+    # Shift of each code into each word of its unit: positive = left, negative = right.
+    word_index = torch.arange(words_per_unit, device=rows.device).reshape(-1, 1)
+    code_start = torch.arange(codes_per_unit, device=rows.device) * bits
+    shift = code_start - word_index * WORD_BITS  # (words, codes)
+    overlaps = (shift > -bits) & (shift < WORD_BITS)
+    parts = torch.where(shift >= 0, units << shift.clamp(min=0), units >> (-shift).clamp(min=0))
+    words = (parts * overlaps).sum(-1) & 0xFFFFFFFF  # disjoint bits: the sum is a bitwise or
+    return _to_int32(words.reshape(num_rows, -1))
+
+
+def unpack(words: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: the first ``num_codes`` codes of each row, as ``torch.uint8``/``int16``."""
+    codes_per_unit, words_per_unit = unit_layout(bits)
+    if words.shape[-1] != packed_width(num_codes, bits):
+        raise ValueError(f"packed rows have {words.shape[-1]} words, expected {packed_width(num_codes, bits)} "
+                         f"for num_codes={num_codes} at bits={bits}")
+    word_index, bit_offset = (t.to(words.device) for t in _code_positions(bits))
+    units = (words.to(torch.int64) & 0xFFFFFFFF).reshape(*words.shape[:-1], -1, words_per_unit)
+    units = torch.nn.functional.pad(units, (0, 1))  # a zero word after each unit for codes that straddle
+    low = units[..., word_index] >> bit_offset
+    high = units[..., word_index + 1] << (WORD_BITS - bit_offset)
+    codes = (low | high) & (2**bits - 1)
+    codes = codes.reshape(*words.shape[:-1], -1)[..., :num_codes]
+    return codes.to(torch.uint8 if bits <= 8 else torch.int16)
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """Reinterpret unsigned 32-bit values held in int64 as int32 bit patterns."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)

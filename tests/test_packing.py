@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+from hfquant.packing import pack, packed_width, unit_layout, unpack
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("num_codes", [1, 7, 32, 33, 96, 576, 1000])
+def test_pack_unpack_is_exact(bits: int, num_codes: int) -> None:
+    codes = torch.randint(0, 2**bits, (6, num_codes), generator=torch.Generator().manual_seed(bits * num_codes))
+    words = pack(codes, bits)
+    assert words.dtype == torch.int32
+    assert words.shape == (6, packed_width(num_codes, bits))
+    assert torch.equal(unpack(words, bits, num_codes).long(), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_layout_matches_a_plain_bitstream(bits: int) -> None:
+    """Code j occupies bits [bits*j, bits*(j+1)) of the row's little-endian stream of 32-bit words."""
+    codes = torch.randint(0, 2**bits, (1, 64), generator=torch.Generator().manual_seed(0))
+    stream = "".join(format(int(c), f"0{bits}b")[::-1] for c in codes[0])  # bit k of the stream at index k
+    stream += "0" * (-len(stream) % 32)
+    expected = [int(stream[k:k + 32][::-1], 2) for k in range(0, len(stream), 32)]
+    got = [int(w) & 0xFFFFFFFF for w in pack(codes, bits)[0]]
+    assert got == expected
+
+
+def test_density() -> None:
+    assert {b: unit_layout(b) for b in (2, 3, 4, 8)} == {2: (16, 1), 3: (32, 3), 4: (8, 1), 8: (4, 1)}
+    for bits in (2, 3, 4, 8):  # exactly `bits` bits per code when the row is whole units
+        assert packed_width(4096, bits) * 32 == 4096 * bits
+
+
+def test_unpack_rejects_wrong_width() -> None:
+    with pytest.raises(ValueError, match="num_codes=64"):
+        unpack(torch.zeros(2, 3, dtype=torch.int32), 4, 64)
+
+
+def test_pack_rejects_float_codes() -> None:
+    with pytest.raises(TypeError, match="integer"):
+        pack(torch.zeros(2, 8), 4)

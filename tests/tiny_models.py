@@ -1,0 +1,49 @@
+"""Tiny random causal LMs built from configs, one per architecture family the tests cover."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 128
+
+
+def _llama() -> PreTrainedModel:
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128))
+
+
+def _qwen2() -> PreTrainedModel:  # tied embeddings, q/k/v with bias
+    return Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True))
+
+
+def _opt() -> PreTrainedModel:  # biases everywhere, fc1/fc2
+    return OPTForCausalLM(OPTConfig(
+        vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+        word_embed_proj_dim=64, max_position_embeddings=128))
+
+
+def _gpt2() -> PreTrainedModel:  # Conv1D layers, weights stored (in, out)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128))
+
+
+BUILDERS = {"llama": _llama, "qwen2": _qwen2, "opt": _opt, "gpt2": _gpt2}
+
+
+def build(arch: str, seed: int = 0) -> PreTrainedModel:
+    """A float32 model with deterministic random weights, in eval mode."""
+    torch.manual_seed(seed)
+    return BUILDERS[arch]().eval()
