@@ -9,6 +9,7 @@ options against that dataclass, so a new method is one file plus one registratio
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ class Method:
     name: str
     calibrated: bool  # needs calibration data, runs after the weights are loaded
     options: type  # a dataclass of method-specific keyword options with defaults
+    solver: Callable[..., Any] | None = None  # (WeightFormat, options) -> LayerwiseSolver, calibrated methods
 
     def parse_options(self, given: dict[str, Any]) -> Any:
         """Build the options dataclass, rejecting names the method does not know."""
@@ -52,4 +54,4 @@ def method_names() -> list[str]:
     return sorted(_METHODS)
 
 
-from hfquant.algorithms import rtn  # noqa: E402,F401  (registers the built-in methods)
+from hfquant.algorithms import gptq, rtn  # noqa: E402,F401  (registers the built-in methods)

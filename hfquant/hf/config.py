@@ -15,7 +15,7 @@ from hfquant.formats import SUPPORTED_BITS, WeightFormat
 
 QUANT_METHOD = "hfquant"
 FORMAT_VERSION = 1
-_LOAD_TIME_ONLY = ("dataset",)
+_LOAD_TIME_ONLY = ("dataset", "tokenizer")
 
 
 def _require_int(name: str, value: Any, minimum: int) -> None:
@@ -34,7 +34,10 @@ class HfQuantConfig(QuantizationConfigMixin):
         modules_to_not_convert: modules kept in full precision, as dotted-name patterns
             (see :func:`hfquant.plan.name_matches`; ``"re:<regex>"`` for a full-match regex).
             ``None`` keeps the output embeddings (``lm_head``) and tied weights in full precision.
-        dataset: calibration text (calibrated methods only); never saved.
+        dataset: calibration text (calibrated methods only; see
+            :func:`hfquant.calibration.data.load_text`), or int64 token ids ``(num_samples, seqlen)``;
+            ``None`` = the bundled corpus. Never saved.
+        tokenizer: tokenizer (or its path) for the calibration text; default: the model's own. Never saved.
         num_samples, seqlen, seed: how calibration batches are drawn (calibrated methods only).
         **options: method-specific options (see the method's options dataclass).
     """
@@ -47,6 +50,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         method: str = "rtn",
         modules_to_not_convert: list[str] | None = None,
         dataset: Any = None,
+        tokenizer: Any = None,
         num_samples: int = 128,
         seqlen: int = 2048,
         seed: int = 0,
@@ -91,6 +95,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         if dataset is not None and not self.calibrated:
             raise ValueError(f"dataset={dataset!r} was given but method={method!r} uses no calibration data")
         self.dataset = dataset
+        self.tokenizer = tokenizer
         self.calibration = calibration
 
     @property

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from accelerate.hooks import add_hook_to_module
+from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 from torch import nn
 from transformers.core_model_loading import ConversionOps
 from transformers.pytorch_utils import Conv1D
@@ -88,10 +88,18 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def _move_accelerate_hook(old: nn.Module, new: nn.Module) -> None:
-    """Keep accelerate's device-placement hook when a dispatched module is swapped."""
+    """Keep accelerate's device placement when a dispatched module is swapped.
+
+    An offloading hook would reload the *old* float tensors by name, so the new (small) module is
+    kept resident on the execution device with a plain placement hook instead.
+    """
     hook = getattr(old, "_hf_hook", None)
-    if hook is not None:
-        add_hook_to_module(new, hook)
+    if hook is None:
+        return
+    if getattr(hook, "offload", False):
+        new.to(hook.execution_device)
+        hook = AlignDevicesHook(execution_device=hook.execution_device, io_same_device=hook.io_same_device)
+    add_hook_to_module(new, hook)
 
 
 class QuantizeWeight(ConversionOps):

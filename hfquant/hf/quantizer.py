@@ -41,6 +41,9 @@ class HfQuantQuantizer(HfQuantizer):
         return integration.QuantizeWeight(self.quantization_config.weight_format)
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        if self.quantization_config.calibrated and not self.pre_quantized:
+            from hfquant.hf.calibrate import calibrate_and_quantize  # TEMP until calibration.data lands
+            calibrate_and_quantize(model, self.quantization_config)
         for module in model.modules():
             if isinstance(module, QuantLinear):
                 module.requires_grad_(False)

@@ -1,0 +1,160 @@
+"""The sequential calibration engine shared by calibrated methods (GPTQ now; AWQ, SmoothQuant later).
+
+It runs the model block by block:
+
+1. capture the inputs of the first decoder block for every calibration batch;
+2. for each block, find the order its linear layers are called in and group the layers that
+   read the same input (q/k/v; gate/up), then, group by group ("true sequential"): observe the
+   group's inputs while the block runs, let the method solve each layer, swap the layer in;
+3. run the now-quantized block once more: its outputs are the next block's inputs.
+
+Only one block's activations are held at a time. Blocks offloaded by accelerate are brought onto
+their execution device one layer at a time while that layer is solved. The engine knows nothing
+about any one method: a method is a :class:`LayerwiseSolver`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from accelerate.utils import align_module_device
+from torch import nn
+from tqdm.auto import tqdm
+
+from hfquant.quantize import QuantizedWeight
+
+
+class LayerwiseSolver(Protocol):
+    """What a calibrated method provides to the engine."""
+
+    def observe(self, name: str, inputs: torch.Tensor) -> None:
+        """See one batch of a layer's inputs ``(..., in_features)``."""
+
+    def solve(self, name: str, weight: torch.Tensor) -> QuantizedWeight:
+        """Quantize a layer's ``(out, in)`` float weight from what was observed."""
+
+
+@dataclass
+class BlockInputs:
+    """The positional and keyword arguments one decoder block was called with, for one batch."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing past the first block needs to run."""
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder blocks: the ModuleList with ``num_hidden_layers`` entries."""
+    depth = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == depth:
+            return module
+    raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}: no ModuleList of "
+                     f"num_hidden_layers={depth} modules")
+
+
+@torch.inference_mode()
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[torch.Tensor]) -> list[BlockInputs]:
+    """Run the model up to ``first_block`` on each batch and keep what the block receives."""
+    captured: list[BlockInputs] = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append(BlockInputs(args, kwargs))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(input_ids=batch.to(model.device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _output_hidden_states(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _run_block(block: nn.Module, inputs: list[BlockInputs]) -> list[torch.Tensor]:
+    return [_output_hidden_states(block(*x.args, **x.kwargs)) for x in inputs]
+
+
+def _with_hidden_states(inputs: BlockInputs, hidden: torch.Tensor) -> BlockInputs:
+    if inputs.args:
+        return BlockInputs((hidden, *inputs.args[1:]), inputs.kwargs)
+    return BlockInputs((), {**inputs.kwargs, "hidden_states": hidden})
+
+
+def layer_groups(block: nn.Module, targets: dict[str, nn.Module], inputs: BlockInputs) -> list[list[str]]:
+    """Target layers of ``block`` in call order, grouped by the input tensor they share."""
+    order: list[tuple[str, int]] = []
+    handles = [layer.register_forward_hook(lambda _m, args, _o, name=name: order.append((name, id(args[0]))))
+               for name, layer in targets.items()]
+    try:
+        with torch.inference_mode():
+            block(*inputs.args, **inputs.kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[list[str]] = []
+    seen_input: dict[int, list[str]] = {}
+    for name, input_id in order:
+        if input_id not in seen_input:
+            seen_input[input_id] = []
+            groups.append(seen_input[input_id])
+        if name not in seen_input[input_id]:
+            seen_input[input_id].append(name)
+    return groups
+
+
+def quantize_sequentially(
+    model: nn.Module,
+    batches: list[torch.Tensor],
+    targets: dict[str, nn.Module],
+    solver: LayerwiseSolver,
+    weight_of: Callable[[nn.Module], torch.Tensor],
+    replace: Callable[[str, QuantizedWeight], None],
+    progress: bool = True,
+) -> list[str]:
+    """Quantize the ``targets`` (name → float layer) that live in decoder blocks; returns their names.
+
+    ``weight_of`` gives a layer's ``(out, in)`` weight; ``replace`` swaps a solved layer into the model.
+    """
+    blocks = find_blocks(model)
+    block_names = {id(m): n for n, m in model.named_modules()}
+    inputs = capture_block_inputs(model, blocks[0], batches)
+    done: list[str] = []
+    for index, block in enumerate(tqdm(blocks, desc="Calibrating blocks", disable=not progress)):
+        prefix = block_names[id(block)] + "."
+        in_block = {n: m for n, m in targets.items() if n.startswith(prefix)}
+        for group in layer_groups(block, in_block, inputs[0]) if in_block else []:
+            _observe(block, {n: model.get_submodule(n) for n in group}, inputs, solver)
+            for name in group:
+                layer = model.get_submodule(name)
+                with align_module_device(layer):
+                    weight = weight_of(layer).detach().float()
+                replace(name, solver.solve(name, weight))
+                done.append(name)
+        with torch.inference_mode():
+            inputs = [_with_hidden_states(x, h) for x, h in zip(inputs, _run_block(block, inputs))]
+    return done
+
+
+def _observe(block: nn.Module, layers: dict[str, nn.Module], inputs: list[BlockInputs], solver: LayerwiseSolver) -> None:
+    handles = [layer.register_forward_hook(lambda _m, args, _o, name=name: solver.observe(name, args[0]))
+               for name, layer in layers.items()]
+    try:
+        with torch.inference_mode():
+            _run_block(block, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,70 @@
+"""Output drift of a (quantized) model from its base model: KL divergence and top-1 agreement."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from hfquant.evaluation.perplexity import (
+    _check_context,
+    _check_input_ids,
+    _check_positive,
+    _equal_length_batches,
+    _evaluating,
+    _progress_bar,
+    _stack_windows,
+    chunk_windows,
+)
+from hfquant.evaluation.results import DriftResult
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+def drift(
+    model: PreTrainedModel,
+    base_model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    seqlen: int,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> DriftResult:
+    """KL(base || model) of next-token distributions and top-1 agreement, like llama.cpp's ``--kl-divergence``.
+
+    Uses the non-overlapping ``seqlen`` windows of :func:`perplexity_gptq` (tail dropped) and every position of
+    each window. KL is computed per token in float64 from ``log_softmax``; both models run window batch by
+    window batch, so memory stays bounded.
+    """
+    _check_positive(seqlen=seqlen, batch_size=batch_size)
+    _check_input_ids(input_ids, seqlen, "seqlen")
+    _check_context(model, seqlen, "seqlen")
+    _check_context(base_model, seqlen, "seqlen")
+
+    windows = chunk_windows(len(input_ids), seqlen)
+    kls, agreements = [], []
+    with _evaluating(model, base_model), _progress_bar(windows, "drift", progress) as bar:
+        for batch in _equal_length_batches(windows, batch_size):
+            ids = _stack_windows(input_ids, batch)
+            logits = model(input_ids=ids.to(model.device), use_cache=False).logits
+            base_logits = base_model(input_ids=ids.to(base_model.device), use_cache=False).logits
+            if logits.shape[-1] != base_logits.shape[-1]:
+                raise ValueError(
+                    f"model and base_model vocabularies differ ({logits.shape[-1]} vs {base_logits.shape[-1]})"
+                )
+            for window_logits, window_base_logits in zip(logits, base_logits.to(logits.device)):
+                log_probs = window_logits.double().log_softmax(-1)
+                base_log_probs = window_base_logits.double().log_softmax(-1)
+                kls.append((base_log_probs.exp() * (base_log_probs - log_probs)).sum(-1).cpu())
+                agreements.append((window_logits.argmax(-1) == window_base_logits.argmax(-1)).cpu())
+            bar.update(len(batch))
+
+    kl = torch.cat(kls)
+    return DriftResult(
+        mean_kl=kl.mean().item(),
+        p99_kl=float(np.percentile(kl.numpy(), 99)),
+        max_kl=kl.max().item(),
+        top1_agreement=torch.cat(agreements).double().mean().item(),
+        num_tokens=len(kl),
+    )

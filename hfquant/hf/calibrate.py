@@ -1,0 +1,58 @@
+"""Calibrated quantization of a loaded transformers model (runs in the quantizer's after-load hook)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, PreTrainedModel
+
+from hfquant.algorithms import get_method
+from hfquant.calibration.data import calibration_batches, describe_source
+from hfquant.calibration.pipeline import quantize_sequentially
+from hfquant.hf.config import HfQuantConfig
+from hfquant.hf.integration import float_weight, quantizable_layers, quantize_layer_in_place
+from hfquant.quantize import quantize
+
+logger = logging.getLogger(__name__)
+
+
+def calibration_tokens(model: PreTrainedModel, config: HfQuantConfig) -> torch.Tensor:
+    """``(num_samples, seqlen)`` token ids from ``config.dataset`` (or pre-tokenized ids given as a tensor)."""
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and config.seqlen > max_positions:
+        raise ValueError(f"seqlen={config.seqlen} is above the model's context of {max_positions} tokens; "
+                         f"allowed: 2..{max_positions}")
+    if isinstance(config.dataset, torch.Tensor):
+        if config.dataset.dim() != 2 or config.dataset.dtype != torch.long:
+            raise ValueError(f"dataset given as a tensor must be int64 (num_samples, seqlen), got "
+                             f"{config.dataset.dtype} {tuple(config.dataset.shape)}")
+        return config.dataset
+    tokenizer = config.tokenizer
+    if tokenizer is None or isinstance(tokenizer, str):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer or model.name_or_path)
+    return calibration_batches(tokenizer, config.dataset, num_samples=config.num_samples, seqlen=config.seqlen,
+                               seed=config.seed)
+
+
+def calibrate_and_quantize(model: PreTrainedModel, config: HfQuantConfig, batch_size: int = 8) -> None:
+    """Quantize every convertible linear layer of ``model`` in place with the config's calibrated method."""
+    tokens = calibration_tokens(model, config)
+    solver = get_method(config.method).solver(config.weight_format, config.options)
+    targets = dict(quantizable_layers(model, config.modules_to_not_convert))
+    fmt = config.weight_format
+
+    def replace(name: str, quantized: Any) -> None:
+        quantize_layer_in_place(model, name, quantized)
+
+    done = quantize_sequentially(model, list(tokens.split(batch_size)), targets, solver, float_weight, replace)
+    for name in sorted(set(targets) - set(done)):  # outside the decoder blocks: no block inputs to calibrate on
+        logger.info("hfquant: %s is outside the decoder blocks; quantizing it with round-to-nearest", name)
+        quantize_layer_in_place(model, name, quantize(float_weight(model.get_submodule(name)).detach().float(), fmt))
+    config.calibration = {
+        "dataset": "tensor" if isinstance(config.dataset, torch.Tensor) else describe_source(config.dataset),
+        "num_samples": int(tokens.shape[0]),
+        "seqlen": int(tokens.shape[1]),
+        "seed": config.seed,
+    }
