@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import BUILDERS, build  # noqa: E402
+from tiny_models import BUILDERS, build, tiny_tokenizer  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -21,4 +21,5 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     for arch in BUILDERS:
         paths[arch] = root / arch
         build(arch).save_pretrained(paths[arch])
+        tiny_tokenizer().save_pretrained(paths[arch])
     return paths

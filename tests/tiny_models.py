@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import string
+
 import torch
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -11,6 +14,7 @@ from transformers import (
     OPTConfig,
     OPTForCausalLM,
     PreTrainedModel,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -47,3 +51,12 @@ def build(arch: str, seed: int = 0) -> PreTrainedModel:
     """A float32 model with deterministic random weights, in eval mode."""
     torch.manual_seed(seed)
     return BUILDERS[arch]().eval()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level tokenizer whose ids fit the tiny models' vocabulary (printable ASCII + unk)."""
+    chars = ["[UNK]", *dict.fromkeys(string.printable)]
+    assert len(chars) <= VOCAB
+    backend = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", model_max_length=128)

@@ -30,7 +30,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         bits: code width of the weights, one of 2, 3, 4, 8.
         group_size: input columns sharing one scale; -1 = one scale per output channel.
         sym: symmetric grid; ``None`` picks symmetric at 8 bits and asymmetric below.
-        method: quantization method (``"rtn"``; calibrated methods need ``dataset``).
+        method: ``"rtn"`` (round-to-nearest while loading, no data) or ``"gptq"`` (calibrated).
         modules_to_not_convert: modules kept in full precision, as dotted-name patterns
             (see :func:`hfquant.plan.name_matches`; ``"re:<regex>"`` for a full-match regex).
             ``None`` keeps the output embeddings (``lm_head``) and tied weights in full precision.
@@ -55,6 +55,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         seqlen: int = 2048,
         seed: int = 0,
         calibration: dict[str, Any] | None = None,
+        base_model: str | None = None,
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
         **options: Any,
@@ -96,7 +97,8 @@ class HfQuantConfig(QuantizationConfigMixin):
             raise ValueError(f"dataset={dataset!r} was given but method={method!r} uses no calibration data")
         self.dataset = dataset
         self.tokenizer = tokenizer
-        self.calibration = calibration
+        self.calibration = calibration  # provenance, filled in when a calibrated method ran
+        self.base_model = base_model  # provenance, filled in when the model was quantized
 
     @property
     def calibrated(self) -> bool:

@@ -6,6 +6,7 @@ Thin by design: module surgery is in :mod:`hfquant.hf.integration`, the maths in
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -13,7 +14,9 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from hfquant.hf import integration
+from hfquant.hf.calibrate import calibrate_and_quantize
 from hfquant.hf.config import HfQuantConfig
+from hfquant.hf.saving import save_pretrained_with_card
 from hfquant.nn.qlinear import QuantLinear
 
 
@@ -42,11 +45,13 @@ class HfQuantQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         if self.quantization_config.calibrated and not self.pre_quantized:
-            from hfquant.hf.calibrate import calibrate_and_quantize  # TEMP until calibration.data lands
             calibrate_and_quantize(model, self.quantization_config)
+        if not self.pre_quantized:
+            self.quantization_config.base_model = model.name_or_path
         for module in model.modules():
             if isinstance(module, QuantLinear):
                 module.requires_grad_(False)
+        model.save_pretrained = partial(save_pretrained_with_card, model, model.save_pretrained)
         return model
 
     def _dequantize(self, model: Any, dtype: torch.dtype | None = None) -> Any:

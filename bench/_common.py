@@ -1,0 +1,71 @@
+"""Shared bits of the benchmarks: where results go, peak-memory sampling, the model to use."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class PeakMemory:
+    """Peak resident (``ru_maxrss``) and peak anonymous memory (RssAnon, sampled) of this process, in MiB.
+
+    File-backed pages of a memory-mapped checkpoint count in RSS but not in RssAnon, so the two
+    together tell how much of the peak is the model held in memory versus the mapped file.
+    """
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.peak_anon_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_anon_kib = max(self.peak_anon_kib, _rss_anon_kib())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_anon_kib = max(self.peak_anon_kib, _rss_anon_kib())
+
+    @property
+    def peak_anon_mib(self) -> float:
+        return self.peak_anon_kib / 1024
+
+    @staticmethod
+    def peak_rss_mib() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rss_anon_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    return 0
+
+
+def environment() -> dict[str, Any]:
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "processor": platform.processor(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def write_results(name: str, payload: dict[str, Any], table: str) -> None:
+    """``bench/results/<name>.json`` and ``<name>.md``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(table + "\n")
+    print(table)

@@ -1,0 +1,74 @@
+"""Model cards for quantized checkpoints: metadata from the saved config and, when given, evaluation results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from hfquant.evaluation.results import EvalReport, model_index
+from hfquant.evaluation.report import markdown_table
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "template.md"  # the repo's model_cards/
+_METHOD_SENTENCES = {
+    "rtn": "round-to-nearest weight quantization (no calibration data).",
+    "gptq": "GPTQ (second-order, calibrated on text; Frantar et al., 2022).",
+}
+
+
+def _template_text() -> str:
+    return TEMPLATE.read_text(encoding="utf-8")
+
+
+def render_card(quant_config: dict[str, Any], *, base_model: str | None, model_name: str,
+                repo_or_path: str, storage: dict[str, Any] | None = None, report: EvalReport | None = None,
+                dataset_name: str = "brown") -> ModelCard:
+    """A model card for a checkpoint saved with ``quantization_config`` = ``quant_config`` (its dict form)."""
+    bits, method = quant_config["bits"], quant_config["method"]
+    tags = ["hfquant", f"int{bits}", method, "quantized"]
+    data = ModelCardData(
+        library_name="transformers",
+        base_model=base_model,
+        base_model_relation="quantized" if base_model else None,
+        tags=tags,
+        model_name=model_name,
+    )
+    if report is not None and report.perplexity:
+        data.model_index = model_index(report, model_name, dataset_name)
+    config_rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in sorted(quant_config.items())
+                            if key != "calibration")
+    body = _template_text().format(
+        model_name=model_name,
+        base_model=base_model or "a transformers model",
+        method_sentence=_METHOD_SENTENCES.get(method, f"method `{method}`."),
+        config_rows=config_rows,
+        size_section=_size_section(storage),
+        calibration_section=_calibration_section(quant_config.get("calibration")),
+        evaluation_section=markdown_table([report]) if report and (report.perplexity or report.drift) else
+        "Not evaluated when this card was written; run `hfquant eval` on this folder.",
+        repo_or_path=repo_or_path,
+        bits=bits,
+        zero_sentence="(symmetric grid, no zero points)" if quant_config.get("sym") else "and uint8 zero points",
+    )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def _size_section(storage: dict[str, Any] | None) -> str:
+    if not storage:
+        return "Not recorded."
+    return (f"{storage['quantized_layers']} quantized layers hold {storage['quantized_weights']:,} weights in "
+            f"{storage['quantized_bytes'] / 1e6:.2f} MB ({storage['bits_per_weight']:.3f} bits per weight, "
+            f"scales and zero points included); other parameters take {storage['other_bytes'] / 1e6:.2f} MB.")
+
+
+def _calibration_section(calibration: dict[str, Any] | None) -> str:
+    if not calibration:
+        return "None: the method needs no data."
+    return "\n".join(f"- {key}: `{value}`" for key, value in calibration.items())
+
+
+def write_card(card: ModelCard, folder: str | Path) -> Path:
+    path = Path(folder) / "README.md"
+    card.save(path)
+    return path

@@ -1,0 +1,149 @@
+"""``hfquant`` command line: quantize, eval, compare, push.
+
+MODEL is a local folder or a Hub id; left out, it is the bundled SmolLM2-135M (built once into
+``$HFQUANT_CACHE`` or ``~/.cache/hfquant``). ``--dataset`` takes a preset (wikitext2, c4,
+pile-val), a local .txt/.json/.jsonl file; left out, the bundled Brown corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import HfApi
+from transformers import AutoTokenizer
+
+from hfquant import workflows
+from hfquant.evaluation import markdown_table
+from hfquant.hf.saving import save_quantized
+
+DEFAULT_SPECS = ["int8", "int4-g128", "int3-g128", "int2-g64"]
+
+
+def _add_format_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
+    parser.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = per channel")
+    parser.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None,
+                        help="symmetric grid (default: symmetric at 8 bits, asymmetric below)")
+    parser.add_argument("--method", default="rtn", help="rtn (no data) or gptq (calibrated)")
+    parser.add_argument("--num-samples", type=int, default=128, help="calibration samples (gptq)")
+    parser.add_argument("--calib-seqlen", type=int, default=2048, help="calibration sequence length (gptq)")
+    parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed (gptq)")
+
+
+def _add_eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default=None, help="evaluation text (default: bundled Brown corpus)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--protocol", choices=["gptq", "strided", "both"], default="both")
+    parser.add_argument("--seqlen", type=int, default=2048, help="window length of both protocols")
+    parser.add_argument("--stride", type=int, default=512, help="stride of the strided protocol")
+    parser.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    parser.add_argument("--batch-size", type=int, default=1)
+
+
+def _quant_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, method=args.method)
+    if args.method != "rtn":
+        kwargs.update(dataset=args.calib_dataset, num_samples=args.num_samples, seqlen=args.calib_seqlen,
+                      seed=args.seed)
+    return kwargs
+
+
+def _eval_settings(args: argparse.Namespace) -> workflows.EvalSettings:
+    protocols = workflows.PROTOCOLS if args.protocol == "both" else (args.protocol,)
+    return workflows.EvalSettings(dataset=args.dataset, split=args.split, protocols=protocols, seqlen=args.seqlen,
+                                  stride=args.stride, max_tokens=args.max_tokens, batch_size=args.batch_size)
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    path = workflows.resolve_model(args.model)
+    model, seconds = workflows.load(path, _quant_kwargs(args))
+    print(f"quantized {path} in {seconds:.1f} s")
+    out = save_quantized(model, args.out, tokenizer=AutoTokenizer.from_pretrained(path))
+    print(f"saved to {out}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    path = workflows.resolve_model(args.model)
+    settings = _eval_settings(args)
+    model, _ = workflows.load(path)
+    base = workflows.load(args.base)[0] if args.base else None
+    ids = workflows.eval_tokens(AutoTokenizer.from_pretrained(path), settings)
+    report = workflows.evaluate(model, ids, settings, model_id=path, base=base)
+    print(markdown_table([report]))
+    if args.out:
+        report.to_json(args.out)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    extra = {"num_samples": args.num_samples, "seqlen": args.calib_seqlen, "dataset": args.calib_dataset} \
+        if any(spec.startswith("gptq:") for spec in args.configs) else None
+    result = workflows.compare(args.model, args.configs, _eval_settings(args), args.out, quant_extra=extra)
+    print(result.table)
+    print(f"table, plot and JSON in {args.out}")
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    folder = Path(args.folder)
+    if not (folder / "config.json").exists():
+        raise SystemExit(f"error: folder={str(folder)!r} has no config.json; save a model there first")
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("quantization_config", {}).get("quant_method") != "hfquant":
+        raise SystemExit(f"error: {folder} is not an hfquant checkpoint (no quant_method='hfquant' in config.json)")
+    api = HfApi(token=args.token)
+    try:
+        api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=args.repo_id, commit_message="Upload hfquant checkpoint")
+    except Exception as error:  # network/auth errors of huggingface_hub, reported plainly
+        raise SystemExit(f"error: upload to {args.repo_id!r} failed ({type(error).__name__}: {error}); "
+                         "check the network and the token (--token or `huggingface-cli login`)") from error
+    print(f"pushed {folder} to https://huggingface.co/{args.repo_id}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hfquant", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    quantize = sub.add_parser("quantize", help="quantize MODEL and save it (weights, config, tokenizer, card) to OUT")
+    quantize.add_argument("model", nargs="?", default=None)
+    quantize.add_argument("out")
+    _add_format_args(quantize)
+    quantize.add_argument("--calib-dataset", default=None, help="calibration text (default: bundled corpus)")
+    quantize.set_defaults(func=cmd_quantize)
+
+    evaluate = sub.add_parser("eval", help="perplexity of MODEL, and drift from --base")
+    evaluate.add_argument("model", nargs="?", default=None)
+    evaluate.add_argument("--base", default=None, help="float model to measure KL / top-1 agreement against")
+    evaluate.add_argument("--out", default=None, help="write the report as JSON here")
+    _add_eval_args(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+
+    comp = sub.add_parser("compare", help="quantize MODEL in several configurations; Markdown table + PNG plot")
+    comp.add_argument("model", nargs="?", default=None)
+    comp.add_argument("--configs", nargs="+", default=DEFAULT_SPECS,
+                      help="e.g. int8 int4-g128 int3-gc-sym gptq:int4-g128 (default: %(default)s)")
+    comp.add_argument("--out", default="hfquant-compare")
+    _add_format_args(comp)
+    comp.add_argument("--calib-dataset", default=None)
+    _add_eval_args(comp)
+    comp.set_defaults(func=cmd_compare)
+
+    push = sub.add_parser("push", help="upload a saved hfquant folder (weights, config, card) to the Hub")
+    push.add_argument("folder")
+    push.add_argument("repo_id")
+    push.add_argument("--token", default=None)
+    push.add_argument("--private", action="store_true")
+    push.set_defaults(func=cmd_push)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error

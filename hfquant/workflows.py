@@ -1,0 +1,141 @@
+"""End-to-end jobs behind the CLI and the benchmarks: quantize, evaluate, compare."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from hfquant.bundled import bundled_model_path
+from hfquant.calibration.data import load_text
+from hfquant.evaluation import (
+    EvalReport,
+    drift,
+    markdown_table,
+    perplexity_gptq,
+    perplexity_strided,
+    plot_ppl_vs_size,
+    tokenize_corpus,
+)
+from hfquant.hf.config import HfQuantConfig
+from hfquant.stats import storage_stats
+
+PROTOCOLS = ("gptq", "strided")
+_SPEC = re.compile(r"(?:(?P<method>[a-z]+):)?int(?P<bits>\d+)(?:-g(?P<group>\d+|c))?(?:-(?P<sym>sym|asym))?")
+
+
+def resolve_model(model: str | None) -> str:
+    """A local folder or Hub id; ``None`` means the bundled SmolLM2-135M (built once into the cache)."""
+    return str(bundled_model_path()) if model is None else model
+
+
+def parse_spec(spec: str) -> dict[str, Any]:
+    """``"int4-g128"``, ``"int8"``, ``"int3-gc-sym"``, ``"gptq:int4-g128"`` → HfQuantConfig keyword arguments."""
+    match = _SPEC.fullmatch(spec.strip())
+    if match is None:
+        raise ValueError(f"config spec {spec!r} is not understood; expected e.g. 'int8', 'int4-g128', "
+                         "'int3-gc-sym' (gc = per channel) or 'gptq:int4-g128'")
+    kwargs: dict[str, Any] = {"bits": int(match["bits"])}
+    if match["group"]:
+        kwargs["group_size"] = -1 if match["group"] == "c" else int(match["group"])
+    elif kwargs["bits"] == 8:
+        kwargs["group_size"] = -1
+    if match["sym"]:
+        kwargs["sym"] = match["sym"] == "sym"
+    if match["method"]:
+        kwargs["method"] = match["method"]
+    return kwargs
+
+
+@dataclass
+class EvalSettings:
+    """What text to score and how. ``dataset=None`` is the bundled corpus (its test split)."""
+
+    dataset: Any = None
+    split: str = "test"
+    protocols: tuple[str, ...] = PROTOCOLS
+    seqlen: int = 2048
+    stride: int = 512
+    max_tokens: int | None = None
+    batch_size: int = 1
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.protocols) - set(PROTOCOLS))
+        if unknown:
+            raise ValueError(f"protocols={list(self.protocols)!r} has unknown {unknown}; allowed: {list(PROTOCOLS)}")
+        if self.max_tokens is not None and self.max_tokens < self.seqlen:
+            raise ValueError(f"max_tokens={self.max_tokens} is below seqlen={self.seqlen}; allowed: >= seqlen")
+
+
+def eval_tokens(tokenizer: Any, settings: EvalSettings) -> torch.Tensor:
+    """The evaluation split joined with blank lines and tokenized, cut to ``max_tokens``."""
+    ids = tokenize_corpus(tokenizer, load_text(settings.dataset, split=settings.split))
+    return ids if settings.max_tokens is None else ids[: settings.max_tokens]
+
+
+def load(model: str | None, quant_kwargs: dict[str, Any] | None = None) -> tuple[PreTrainedModel, float]:
+    """Load (and quantize, when ``quant_kwargs`` is given) a causal LM; returns it and the seconds taken."""
+    config = HfQuantConfig(**quant_kwargs) if quant_kwargs else None
+    start = time.perf_counter()
+    loaded = AutoModelForCausalLM.from_pretrained(resolve_model(model), quantization_config=config)
+    return loaded.eval(), time.perf_counter() - start
+
+
+def evaluate(model: PreTrainedModel, ids: torch.Tensor, settings: EvalSettings, model_id: str,
+             config: dict[str, Any] | None = None, base: PreTrainedModel | None = None,
+             quantize_seconds: float | None = None) -> EvalReport:
+    """Perplexity under each protocol, drift from ``base`` when given, and storage figures."""
+    report = EvalReport(model_id=model_id, config=config or {}, quantize_seconds=quantize_seconds)
+    if "gptq" in settings.protocols:
+        report.perplexity["gptq"] = perplexity_gptq(model, ids, settings.seqlen, settings.batch_size,
+                                                    settings.progress)
+    if "strided" in settings.protocols:
+        report.perplexity["strided"] = perplexity_strided(model, ids, settings.seqlen, settings.stride,
+                                                          settings.batch_size, settings.progress)
+    if base is not None:
+        report.drift = drift(model, base, ids, settings.seqlen, settings.batch_size, settings.progress)
+    stats = storage_stats(model)
+    report.size_bytes = stats.total_bytes
+    report.bits_per_weight = stats.bits_per_weight if stats.quantized_layers else 8.0 * _float_element_size(model)
+    return report
+
+
+def _float_element_size(model: PreTrainedModel) -> int:
+    return next(model.parameters()).element_size()
+
+
+@dataclass
+class Comparison:
+    reports: list[EvalReport] = field(default_factory=list)
+    table: str = ""
+
+
+def compare(model: str | None, specs: list[str], settings: EvalSettings, out_dir: str | Path | None = None,
+            quant_extra: dict[str, Any] | None = None) -> Comparison:
+    """Evaluate the float model and each quantized configuration on the same tokens; table, plot, JSON."""
+    path = resolve_model(model)
+    base, _ = load(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = eval_tokens(tokenizer, settings)
+    result = Comparison([evaluate(base, ids, settings, model_id=path, config={"format": "float"})])
+    for spec in specs:
+        kwargs = {**parse_spec(spec), **(quant_extra or {})}
+        quantized, seconds = load(path, kwargs)
+        result.reports.append(evaluate(quantized, ids, settings, model_id=path, config={"format": spec},
+                                       base=base, quantize_seconds=seconds))
+        del quantized
+    result.table = markdown_table(result.reports, baseline=result.reports[0])
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.md").write_text(result.table)
+        plot_ppl_vs_size(result.reports, out / "ppl_vs_size.png")
+        for report in result.reports:
+            report.to_json(out / f"{report.config['format'].replace(':', '_')}.json")
+    return result
