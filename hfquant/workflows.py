@@ -79,11 +79,13 @@ def eval_tokens(tokenizer: Any, settings: EvalSettings) -> torch.Tensor:
     return ids if settings.max_tokens is None else ids[: settings.max_tokens]
 
 
-def load(model: str | None, quant_kwargs: dict[str, Any] | None = None) -> tuple[PreTrainedModel, float]:
+def load(model: str | None, quant_kwargs: dict[str, Any] | None = None,
+         device_map: str | None = None) -> tuple[PreTrainedModel, float]:
     """Load (and quantize, when ``quant_kwargs`` is given) a causal LM; returns it and the seconds taken."""
     config = HfQuantConfig(**quant_kwargs) if quant_kwargs else None
     start = time.perf_counter()
-    loaded = AutoModelForCausalLM.from_pretrained(resolve_model(model), quantization_config=config)
+    loaded = AutoModelForCausalLM.from_pretrained(resolve_model(model), quantization_config=config,
+                                                  device_map=device_map)
     return loaded.eval(), time.perf_counter() - start
 
 

@@ -20,14 +20,16 @@ logger = logging.getLogger(__name__)
 
 def calibration_tokens(model: PreTrainedModel, config: HfQuantConfig) -> torch.Tensor:
     """``(num_samples, seqlen)`` token ids from ``config.dataset`` (or pre-tokenized ids given as a tensor)."""
+    if isinstance(config.dataset, torch.Tensor):
+        if config.dataset.dim() != 2 or config.dataset.dtype != torch.long:
+            raise ValueError(f"dataset given as a tensor must be int64 (num_samples, seqlen), got "
+                             f"{config.dataset.dtype} {tuple(config.dataset.shape)}")
+        config.num_samples, config.seqlen = config.dataset.shape
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions is not None and config.seqlen > max_positions:
         raise ValueError(f"seqlen={config.seqlen} is above the model's context of {max_positions} tokens; "
                          f"allowed: 2..{max_positions}")
     if isinstance(config.dataset, torch.Tensor):
-        if config.dataset.dim() != 2 or config.dataset.dtype != torch.long:
-            raise ValueError(f"dataset given as a tensor must be int64 (num_samples, seqlen), got "
-                             f"{config.dataset.dtype} {tuple(config.dataset.shape)}")
         return config.dataset
     tokenizer = config.tokenizer
     if tokenizer is None or isinstance(tokenizer, str):

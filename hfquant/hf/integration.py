@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+from accelerate.utils import align_module_device
 from torch import nn
 from transformers.core_model_loading import ConversionOps
 from transformers.pytorch_utils import Conv1D
@@ -41,11 +42,11 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def empty_quant_linear(source: nn.Module, fmt: WeightFormat) -> QuantLinear:
-    """A :class:`QuantLinear` shaped like ``source``, on ``source``'s device (meta while loading)."""
+def empty_quant_linear(source: nn.Module, fmt: WeightFormat, device: torch.device | None = None) -> QuantLinear:
+    """A :class:`QuantLinear` shaped like ``source``, on ``device`` (default: ``source``'s, meta while loading)."""
     in_features, out_features = linear_shape(source)
     return QuantLinear(in_features, out_features, fmt, bias=source.bias is not None, dtype=source.weight.dtype,
-                       device=source.weight.device, transposed_source=isinstance(source, Conv1D))
+                       device=device or source.weight.device, transposed_source=isinstance(source, Conv1D))
 
 
 def replace_linear_layers(model: nn.Module, fmt: WeightFormat, skip: list[str]) -> list[str]:
@@ -57,12 +58,16 @@ def replace_linear_layers(model: nn.Module, fmt: WeightFormat, skip: list[str]) 
 
 
 def quantize_layer_in_place(model: nn.Module, name: str, quantized_weight: Any) -> QuantLinear:
-    """Replace float layer ``name`` with a :class:`QuantLinear` holding ``quantized_weight``."""
+    """Replace float layer ``name`` with a :class:`QuantLinear` holding ``quantized_weight``.
+
+    The new layer lives where the quantized tensors are (an offloaded layer's execution device).
+    """
     source = model.get_submodule(name)
-    layer = empty_quant_linear(source, quantized_weight.fmt)
+    layer = empty_quant_linear(source, quantized_weight.fmt, device=quantized_weight.codes.device)
     layer.load_quantized(quantized_weight)
     if source.bias is not None:
-        layer.bias.data.copy_(source.bias.data)
+        with align_module_device(source):
+            layer.bias.data.copy_(source.bias.data)
     _move_accelerate_hook(source, layer)
     set_submodule(model, name, layer)
     return layer

@@ -8,6 +8,12 @@ Stored tensors (the names are the checkpoint keys, so a saved model reloads by n
 * ``weight_scale``: ``float16 (out_features, num_groups)``.
 * ``weight_zero``: ``uint8 (out_features, num_groups)``, asymmetric formats only.
 * ``bias``: unchanged, in the model's dtype.
+
+Inference runs the reference path (dequantize in the activation dtype, then ``F.linear``) unless
+:meth:`QuantLinear.prepare_kernel` (or :func:`prepare_for_inference` for a whole model) has
+repacked the weight for one of the kernels in :mod:`hfquant.nn.kernels`. The repacked tensors are
+non-persistent buffers named ``kernel_*``: ``state_dict()`` and saved checkpoints hold only the
+canonical tensors above, and moving or casting the module repacks them for the new device/dtype.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch
 from torch import nn
 
 from hfquant.formats import SCALE_DTYPE, ZERO_DTYPE, WeightFormat
+from hfquant.nn import kernels
 from hfquant.packing import packed_width
 from hfquant.quantize import QuantizedWeight, dequantize_packed
 
@@ -45,6 +52,8 @@ class QuantLinear(nn.Module):
         self.weight_zero = None if fmt.sym else nn.Parameter(
             torch.zeros(out_features, groups, dtype=ZERO_DTYPE, device=device), **frozen)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), **frozen) if bias else None
+        self.kernel_plan: kernels.Plan | None = None
+        self._kernel_request: tuple[torch.dtype, bool] | None = None  # (activation dtype, widen) asked for
 
     def stored(self) -> dict[str, torch.Tensor]:
         """The packed tensors, keyed like :meth:`QuantizedWeight.packed`."""
@@ -62,11 +71,78 @@ class QuantLinear(nn.Module):
         """The ``(out, in)`` float weight this layer computes with."""
         return dequantize_packed(self.stored(), self.fmt, self.in_features, dtype)
 
+    def prepare_kernel(self, dtype: torch.dtype, widen: bool = False) -> str:
+        """Repack for the kernel the dispatch table picks for this format, device and ``dtype``.
+
+        Returns the kernel's name, or ``"reference"`` when none applies (meta/offloaded weights
+        included). ``widen`` lets 2/3-bit codes use a 4-bit kernel (more memory than the codes).
+        """
+        self.release_kernel()
+        self._kernel_request = (dtype, widen)
+        if self.weight.device.type == "meta":
+            return "reference"
+        plan = kernels.plan_for(self.fmt, self.in_features, self.out_features, self.weight.device, dtype, widen)
+        if plan is None:
+            return "reference"
+        with torch.no_grad():
+            tensors = plan.kernel.pack(self.stored(), self.fmt, plan.layout, dtype)
+        for name, tensor in tensors.items():
+            self.register_buffer(_KERNEL_PREFIX + name, tensor, persistent=False)
+        self.kernel_plan = plan
+        return plan.kernel.name
+
+    def release_kernel(self) -> None:
+        """Drop the repacked tensors; the layer goes back to the reference path."""
+        for name in [n for n in self._buffers if n.startswith(_KERNEL_PREFIX)]:
+            del self._buffers[name]
+        self.kernel_plan = None
+        self._kernel_request = None
+
+    def kernel_tensors(self) -> dict[str, torch.Tensor]:
+        return {name[len(_KERNEL_PREFIX):]: t for name, t in self._buffers.items() if name.startswith(_KERNEL_PREFIX)}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.dequantized_weight(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return nn.functional.linear(x, weight, bias)
+        plan = self.kernel_plan
+        if plan is not None and plan.handles(x):
+            return plan.linear(x, self.kernel_tensors(), self.bias)
+        return kernels.reference_linear(x, self.stored(), self.fmt, self.in_features, self.bias)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 (nn.Module's signature)
+        """``.to()``/``.cuda()``/``.half()``: repack for the new device and dtype instead of moving kernel tensors."""
+        request = self._kernel_request
+        self.release_kernel()
+        module = super()._apply(fn, recurse)
+        if request is not None:
+            dtype, widen = request
+            probe = fn(torch.empty(0, dtype=dtype, device=self.weight.device))  # what fn does to activations
+            self.prepare_kernel(probe.dtype, widen)
+        return module
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"format={self.fmt.name}, bias={self.bias is not None}")
+                f"format={self.fmt.name}, bias={self.bias is not None}, "
+                f"kernel={self.kernel_plan.kernel.name if self.kernel_plan else 'reference'}")
+
+
+_KERNEL_PREFIX = "kernel_"
+
+
+def prepare_for_inference(model: nn.Module, dtype: torch.dtype | None = None, widen: bool = False) -> dict[str, str]:
+    """Repack every :class:`QuantLinear` of ``model`` for its kernel; returns ``{layer name: kernel name}``.
+
+    ``dtype`` is the activation dtype to prepare for; ``None`` takes the dtype of the model's first
+    floating-point parameter outside the quantized layers (its embeddings, usually).
+    """
+    dtype = dtype or _activation_dtype(model)
+    return {name: module.prepare_kernel(dtype, widen)
+            for name, module in model.named_modules() if isinstance(module, QuantLinear)}
+
+
+def _activation_dtype(model: nn.Module) -> torch.dtype:
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            continue
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point():
+                return param.dtype
+    return torch.get_default_dtype()

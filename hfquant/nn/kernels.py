@@ -1,0 +1,361 @@
+"""Matmul kernels for packed weights, and the table that picks one per (format, device, dtype, tokens).
+
+A :class:`QuantLinear` always has the *reference* path: unpack the codes, dequantize in the
+activation dtype, ``F.linear``. It is the oracle in tests and the fallback for every case no
+kernel covers. A *kernel* is one of torch's own weight-only-quantized matmuls; it needs the
+weight repacked into its own layout once (:meth:`Kernel.pack`), and that layout can depend on
+the machine (torch's CPU int4 layout differs between AVX512, AVX2 and other builds), so kernel
+tensors are never saved: they live in non-persistent buffers and are rebuilt at load.
+
+Kernels (each a :class:`Kernel` value; the op names are torch's):
+
+* ``int4pack-cpu`` — ``aten._weight_int4pack_mm_for_cpu``; torch dequantizes
+  ``(q - 8) * s + z_t`` per group of 32/64/128/256 input columns, with ``s``/``z_t`` in the
+  activation dtype. Ours is ``(q - zero) * scale``, so ``z_t = (8 - zero) * scale`` (exact in
+  float32). A group of ours is split into several of torch's when it is larger (per channel: one
+  group of ``in_features``); a short last group is handled by zero-padding the input columns.
+  Needs ``out_features % 16 == 0``.
+* ``int4pack-cuda`` — ``aten._weight_int4pack_mm`` (tinygemm), same convention, bfloat16 only,
+  weight given as ``uint8 (out, in / 2)`` with the first code of each pair in the high nibble.
+* ``int8pack-cpu`` / ``int8pack-cuda`` — ``aten._weight_int8pack_mm``: signed int8 weight, one
+  scale per output channel (per-channel formats only). Our code ``q`` becomes ``q - 128``; an
+  asymmetric zero point is folded into a per-row correction::
+
+      y = x @ ((q - z) * s).T = s * (x @ (q - 128).T) - sum_k(x_k) * ((z - 128) * s)
+
+Codes of fewer than 4 bits fit the int4 kernels too (``(q - z) * s`` is the same maths), but
+widening 2/3-bit codes to 4 bits costs memory, so it is opt-in (``widen=True``).
+
+:data:`ROUTES` is the dispatch table: for a device type and activation dtype, which kernel to
+try, in order, and up to how many tokens (rows of the flattened input) it beats the reference
+path. The limits come from ``bench/inference.py --micro`` on the CPU it was run on (see the
+comment at the table); beyond them a prepared layer uses the reference path.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from hfquant.formats import WeightFormat
+from hfquant.packing import WORD_BITS, packed_width, unpack
+
+Tensors = dict[str, torch.Tensor]
+
+# ----------------------------------------------------------------------------------------------
+# Reference path: unpack bytes (not int64 words), dequantize in the activation dtype, F.linear.
+# ----------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def _byte_layout(bits: int) -> tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """How codes sit in bytes: bytes per chunk, and per code its low byte/shift and high byte/shift.
+
+    A chunk is ``lcm(bits, 8)`` bits. A code that straddles two bytes takes its high bits from the
+    next byte; one that does not reads its "high byte" from a zero byte appended to the chunk.
+    """
+    chunk_bits = math.lcm(bits, 8)
+    nbytes = chunk_bits // 8
+    lo_byte, lo_shift, hi_byte, hi_shift = [], [], [], []
+    for start in range(0, chunk_bits, bits):
+        byte, offset = divmod(start, 8)
+        lo_byte.append(byte)
+        lo_shift.append(offset)
+        straddles = offset + bits > 8
+        hi_byte.append(byte + 1 if straddles else nbytes)
+        hi_shift.append(8 - offset if straddles else 0)
+    return nbytes, tuple(lo_byte), tuple(lo_shift), tuple(hi_byte), tuple(hi_shift)
+
+
+def unpack_bytes(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """All codes of packed rows (padding included), as ``uint8``; same result as :func:`packing.unpack`.
+
+    Works on the words' little-endian bytes with ``uint8`` shifts: 1 byte of temporaries per code
+    instead of the 8-byte words of the generic unpacker.
+    """
+    if sys.byteorder != "little" or bits > 8:
+        return unpack(words, bits, words.shape[-1] * WORD_BITS // bits)
+    nbytes, lo_byte, lo_shift, hi_byte, hi_shift = _byte_layout(bits)
+    rows = words.shape[0]
+    chunks = words.view(torch.uint8).reshape(rows, -1, nbytes)
+    mask = 2**bits - 1
+    if nbytes == 1:  # 2, 4, 8 bits: no code straddles a byte
+        shifts = torch.tensor(lo_shift, dtype=torch.uint8, device=words.device)
+        return ((chunks >> shifts) & mask).reshape(rows, -1)
+    chunks = F.pad(chunks, (0, 1))
+    device = words.device
+    low = chunks[..., torch.tensor(lo_byte, device=device)] >> torch.tensor(lo_shift, dtype=torch.uint8, device=device)
+    high = chunks[..., torch.tensor(hi_byte, device=device)] << torch.tensor(hi_shift, dtype=torch.uint8,
+                                                                              device=device)
+    return ((low | high) & mask).reshape(rows, -1)
+
+
+def dequantize_stored(stored: Tensors, fmt: WeightFormat, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(out, in)`` weight in ``dtype``; bit-identical to :func:`hfquant.quantize.dequantize_packed`.
+
+    Same elementwise maths (``(codes - zero) * scale`` in ``dtype``), but per-group values are
+    broadcast over a ``(out, groups, group width)`` view instead of being repeated, and the two
+    steps run in place.
+    """
+    codes = unpack_bytes(stored["weight"], fmt.bits)
+    rows = codes.shape[0]
+    groups, width = fmt.num_groups(in_features), fmt.group_width(in_features)
+    span = groups * width  # the last group padded to full width
+    codes = codes[:, :span] if codes.shape[1] >= span else F.pad(codes, (0, span - codes.shape[1]))
+    weight = codes.reshape(rows, groups, width).to(dtype)
+    zero = stored.get("weight_zero")
+    weight.sub_(fmt.sym_zero if zero is None else zero.to(dtype).unsqueeze(-1))
+    weight.mul_(stored["weight_scale"].to(dtype).unsqueeze(-1))
+    return weight.reshape(rows, span)[:, :in_features]
+
+
+def reference_linear(x: torch.Tensor, stored: Tensors, fmt: WeightFormat, in_features: int,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ dequantize(W).T + b`` with the weight dequantized in ``x``'s dtype."""
+    weight = dequantize_stored(stored, fmt, in_features, x.dtype)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Shape facts a kernel needs besides its tensors (decided once, when packing)."""
+
+    in_features: int
+    padded_in: int  # input columns after zero-padding to whole kernel groups
+    group: int = 0  # the kernel's group size (int4 kernels)
+    correct_zero: bool = False  # asymmetric int8: subtract the zero-point correction
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A weight-only-quantized matmul of torch's, with how to lay our packed weight out for it.
+
+    ``layout(fmt, in_features, out_features)`` says whether the kernel can take a layer
+    (``None``: it cannot) and how; ``pack`` builds its tensors from the stored ones; ``matmul``
+    computes ``x2d @ W.T`` for a 2-D contiguous ``x2d``.
+    """
+
+    name: str
+    device_type: str
+    bits: tuple[int, ...]  # code widths taken as they are
+    layout: Callable[[WeightFormat, int, int], Layout | None]
+    pack: Callable[[Tensors, WeightFormat, Layout, torch.dtype], Tensors]
+    matmul: Callable[[torch.Tensor, Tensors, Layout], torch.Tensor]
+    widen_bits: tuple[int, ...] = ()  # narrower code widths it can take by widening (more memory)
+    ops: tuple[str, ...] = field(default=())  # aten ops it needs; missing ones make it unavailable
+
+    def takes(self, fmt: WeightFormat, widen: bool) -> bool:
+        return fmt.bits in self.bits or (widen and fmt.bits in self.widen_bits)
+
+
+_INT4_GROUPS = (256, 128, 64, 32)  # what torch's int4 kernels accept, largest first
+
+
+def _int4_layout(multiple_of_out: int) -> Callable[[WeightFormat, int, int], Layout | None]:
+    def layout(fmt: WeightFormat, in_features: int, out_features: int) -> Layout | None:
+        if out_features % multiple_of_out:
+            return None
+        width = fmt.group_width(in_features)
+        per_channel = fmt.num_groups(in_features) == 1
+        # Each kernel group must sit inside one of ours; prefer one that needs no input padding.
+        fits = [g for g in _INT4_GROUPS if per_channel or width % g == 0]
+        if not fits:
+            return None
+        group = next((g for g in fits if in_features % g == 0), fits[0])
+        return Layout(in_features=in_features, padded_in=math.ceil(in_features / group) * group, group=group)
+    return layout
+
+
+def _int4_codes(stored: Tensors, fmt: WeightFormat, lay: Layout) -> torch.Tensor:
+    """``int32 (out, padded_in)`` codes; padded columns are 0 (they meet zero-padded inputs)."""
+    codes = unpack_bytes(stored["weight"], fmt.bits)
+    codes = codes[:, :lay.in_features]
+    return F.pad(codes, (0, lay.padded_in - lay.in_features)).to(torch.int32)
+
+
+def _int4_scales_and_zeros(stored: Tensors, fmt: WeightFormat, lay: Layout, dtype: torch.dtype) -> torch.Tensor:
+    """torch's ``(padded_in / group, out, 2)`` table of ``(s, (8 - zero) * s)``, computed in float32."""
+    scale = stored["weight_scale"].float()
+    zero = stored.get("weight_zero")
+    zero = torch.full_like(scale, fmt.sym_zero) if zero is None else zero.float()
+    ours = torch.arange(lay.padded_in // lay.group, device=scale.device) * lay.group // fmt.group_width(
+        lay.in_features)
+    ours = ours.clamp(max=scale.shape[1] - 1)  # groups made only of padding reuse the last one
+    s, z = scale[:, ours], zero[:, ours]
+    return torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous().to(dtype)
+
+
+def _pad_input(x2d: torch.Tensor, lay: Layout) -> torch.Tensor:
+    if lay.padded_in != lay.in_features:
+        x2d = F.pad(x2d, (0, lay.padded_in - lay.in_features))
+    return x2d.contiguous()
+
+
+def _pack_int4_cpu(stored: Tensors, fmt: WeightFormat, lay: Layout, dtype: torch.dtype) -> Tensors:
+    codes = _int4_codes(stored, fmt, lay)
+    return {"weight": torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1),
+            "scales_and_zeros": _int4_scales_and_zeros(stored, fmt, lay, dtype)}
+
+
+def _matmul_int4_cpu(x2d: torch.Tensor, tensors: Tensors, lay: Layout) -> torch.Tensor:
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(_pad_input(x2d, lay), tensors["weight"], lay.group,
+                                                      tensors["scales_and_zeros"])
+
+
+def _cuda_inner_k_tiles(padded_in: int) -> int:
+    return next(t for t in (8, 4, 2) if padded_in % (t * 16) == 0)
+
+
+def _pack_int4_cuda(stored: Tensors, fmt: WeightFormat, lay: Layout, dtype: torch.dtype) -> Tensors:
+    codes = _int4_codes(stored, fmt, lay)
+    pairs = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
+    return {"weight": torch.ops.aten._convert_weight_to_int4pack(pairs, _cuda_inner_k_tiles(lay.padded_in)),
+            "scales_and_zeros": _int4_scales_and_zeros(stored, fmt, lay, dtype)}
+
+
+def _matmul_int4_cuda(x2d: torch.Tensor, tensors: Tensors, lay: Layout) -> torch.Tensor:
+    return torch.ops.aten._weight_int4pack_mm(_pad_input(x2d, lay), tensors["weight"], lay.group,
+                                              tensors["scales_and_zeros"])
+
+
+def _int8_layout(fmt: WeightFormat, in_features: int, out_features: int) -> Layout | None:
+    if fmt.num_groups(in_features) != 1:
+        return None
+    return Layout(in_features=in_features, padded_in=in_features, correct_zero=not fmt.sym)
+
+
+def _pack_int8(stored: Tensors, fmt: WeightFormat, lay: Layout, dtype: torch.dtype) -> Tensors:
+    codes = unpack_bytes(stored["weight"], 8)[:, :lay.in_features]
+    scale = stored["weight_scale"][:, 0].float()
+    tensors = {"weight": (codes ^ 0x80).view(torch.int8).contiguous(),  # q - 128, two's complement
+               "scale": scale.to(dtype)}
+    if lay.correct_zero:
+        tensors["zero_correction"] = (stored["weight_zero"][:, 0].float() - 128) * scale  # float32
+    return tensors
+
+
+def _matmul_int8(x2d: torch.Tensor, tensors: Tensors, lay: Layout) -> torch.Tensor:
+    y = torch.ops.aten._weight_int8pack_mm(x2d.contiguous(), tensors["weight"], tensors["scale"])
+    if lay.correct_zero:
+        row_sums = x2d.sum(dim=-1, keepdim=True, dtype=torch.float32)
+        y = (y.float() - row_sums * tensors["zero_correction"]).to(y.dtype)
+    return y
+
+
+INT4_CPU = Kernel("int4pack-cpu", "cpu", bits=(4,), widen_bits=(2, 3), layout=_int4_layout(16),
+                  pack=_pack_int4_cpu, matmul=_matmul_int4_cpu,
+                  ops=("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu"))
+INT4_CUDA = Kernel("int4pack-cuda", "cuda", bits=(4,), widen_bits=(2, 3), layout=_int4_layout(8),
+                   pack=_pack_int4_cuda, matmul=_matmul_int4_cuda,
+                   ops=("_convert_weight_to_int4pack", "_weight_int4pack_mm"))
+INT8_CPU = Kernel("int8pack-cpu", "cpu", bits=(8,), layout=_int8_layout, pack=_pack_int8, matmul=_matmul_int8,
+                  ops=("_weight_int8pack_mm",))
+INT8_CUDA = Kernel("int8pack-cuda", "cuda", bits=(8,), layout=_int8_layout, pack=_pack_int8, matmul=_matmul_int8,
+                   ops=("_weight_int8pack_mm",))
+KERNELS = {k.name: k for k in (INT4_CPU, INT4_CUDA, INT8_CPU, INT8_CUDA)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch table
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Route:
+    """Use ``kernel`` for activations of ``dtype`` on ``device_type`` for up to ``max_tokens`` rows."""
+
+    kernel: str
+    device_type: str
+    dtype: torch.dtype
+    max_tokens: int | None = None  # None: any number of tokens
+
+
+# CPU limits measured with `python bench/inference.py --micro` (2-core Xeon, AVX512 + AMX, torch
+# 2.13): torch's CPU int4/int8 kernels are vectorized for bfloat16 only; their float32/float16
+# paths are scalar loops that lose to the reference path at every size, so those dtypes have no
+# CPU route. In bfloat16 both beat "dequantize + AMX matmul" for decode-sized batches only.
+ROUTES: tuple[Route, ...] = (
+    Route("int4pack-cpu", "cpu", torch.bfloat16, max_tokens=16),
+    Route("int8pack-cpu", "cpu", torch.bfloat16, max_tokens=8),
+    Route("int4pack-cuda", "cuda", torch.bfloat16),
+    Route("int8pack-cuda", "cuda", torch.bfloat16, max_tokens=16),
+    Route("int8pack-cuda", "cuda", torch.float16, max_tokens=16),
+    Route("int8pack-cuda", "cuda", torch.float32, max_tokens=16),
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a prepared layer runs: a kernel, for which inputs, with which layout."""
+
+    kernel: Kernel
+    route: Route
+    layout: Layout
+
+    def handles(self, x: torch.Tensor) -> bool:
+        if x.device.type != self.route.device_type or x.dtype != self.route.dtype:
+            return False
+        limit = self.route.max_tokens
+        return limit is None or x.numel() // max(x.shape[-1], 1) <= limit
+
+    def linear(self, x: torch.Tensor, tensors: Tensors, bias: torch.Tensor | None) -> torch.Tensor:
+        y = self.kernel.matmul(x.reshape(-1, x.shape[-1]), tensors, self.layout)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def plan_for(fmt: WeightFormat, in_features: int, out_features: int, device: torch.device | str,
+             dtype: torch.dtype, widen: bool = False, routes: tuple[Route, ...] = ROUTES) -> Plan | None:
+    """The first route of the table whose kernel takes this layer and works here; None = reference."""
+    device_type = torch.device(device).type
+    for route in routes:
+        if route.device_type != device_type or route.dtype != dtype:
+            continue
+        kernel = KERNELS[route.kernel]
+        lay = kernel.layout(fmt, in_features, out_features) if kernel.takes(fmt, widen) else None
+        if lay is not None and kernel_works(kernel.name, str(torch.device(device)), dtype):
+            return Plan(kernel, route, lay)
+    return None
+
+
+@lru_cache(maxsize=None)
+def kernel_works(name: str, device: str, dtype: torch.dtype) -> bool:
+    """Whether ``name`` runs here and agrees with the reference path on a small layer (checked once).
+
+    Guards against torch builds without the op, or whose op rejects this device or dtype.
+    """
+    kernel = KERNELS[name]
+    if not all(hasattr(torch.ops.aten, op) for op in kernel.ops):
+        return False
+    bits = kernel.bits[0]
+    fmt = WeightFormat(bits=bits, group_size=-1 if bits == 8 else 32, sym=False)
+    out_features, in_features = 32, 64
+    gen = torch.Generator().manual_seed(0)
+    stored = {"weight": torch.randint(-2**31, 2**31 - 1, (out_features, packed_width(in_features, bits)),
+                                      dtype=torch.int32, generator=gen),
+              "weight_scale": (torch.rand(out_features, fmt.num_groups(in_features), generator=gen) / 64 + 1e-3
+                               ).half(),
+              "weight_zero": torch.randint(0, fmt.maxq + 1, (out_features, fmt.num_groups(in_features)),
+                                           dtype=torch.uint8, generator=gen)}
+    stored = {k: v.to(device) for k, v in stored.items()}
+    x = torch.randn(3, in_features, generator=gen).to(device=device, dtype=dtype)
+    try:
+        lay = kernel.layout(fmt, in_features, out_features)
+        got = kernel.matmul(x, kernel.pack(stored, fmt, lay, dtype), lay).float()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    want = x.float() @ dequantize_stored(stored, fmt, in_features, torch.float32).T
+    return bool(torch.allclose(got, want, rtol=0.05, atol=0.05 * float(want.abs().max())))
+

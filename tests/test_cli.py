@@ -1,0 +1,109 @@
+"""The hfquant CLI and the jobs behind it, on tiny models with a character-level tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+from transformers import AutoModelForCausalLM
+
+import hfquant  # noqa: F401
+from hfquant.cli import main
+from hfquant.nn.qlinear import QuantLinear
+from hfquant.workflows import EvalSettings, parse_spec
+
+TEXT = "\n\n".join(f"Paragraph {i}. The committee met on Tuesday and voted to adjourn." for i in range(40))
+
+
+@pytest.fixture()
+def text_file(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("int8", dict(bits=8, group_size=-1)),
+        ("int4-g128", dict(bits=4, group_size=128)),
+        ("int3-gc-sym", dict(bits=3, group_size=-1, sym=True)),
+        ("gptq:int2-g64-asym", dict(bits=2, group_size=64, sym=False, method="gptq")),
+    ],
+)
+def test_parse_spec(spec: str, expected: dict) -> None:
+    assert parse_spec(spec) == expected
+
+
+def test_parse_spec_rejects_garbage() -> None:
+    with pytest.raises(ValueError, match="'int4g128'"):
+        parse_spec("int4g128")
+
+
+def test_eval_settings_validation() -> None:
+    with pytest.raises(ValueError, match="protocols"):
+        EvalSettings(protocols=("wikitext",))
+    with pytest.raises(ValueError, match="max_tokens=10"):
+        EvalSettings(max_tokens=10, seqlen=64)
+
+
+def test_quantize_writes_checkpoint_and_card(tiny_checkpoints: dict, tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    main(["quantize", str(tiny_checkpoints["llama"]), str(out), "--bits", "4", "--group-size", "32"])
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "README.md", "tokenizer.json"}
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging folder left behind
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == str(tiny_checkpoints["llama"])
+    assert card.data.base_model_relation == "quantized"
+    assert "hfquant" in card.data.tags and "int4" in card.data.tags
+    assert "import hfquant" in card.text and "bits per weight" in card.text
+
+
+def test_save_pretrained_writes_a_card(tiny_checkpoints: dict, tmp_path: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["gpt2"],
+                                                 quantization_config=hfquant.HfQuantConfig(bits=8))
+    model.save_pretrained(tmp_path)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.tags[:2] == ["hfquant", "int8"]
+
+
+def test_eval_and_compare(tiny_checkpoints: dict, text_file: Path, tmp_path: Path, capsys) -> None:
+    common = ["--dataset", str(text_file), "--seqlen", "64", "--stride", "32", "--max-tokens", "512"]
+    main(["eval", str(tiny_checkpoints["opt"]), "--out", str(tmp_path / "r.json"), *common])
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report["perplexity"]) == {"gptq", "strided"}
+    assert report["perplexity"]["gptq"]["num_tokens"] == 8 * 63
+
+    main(["compare", str(tiny_checkpoints["opt"]), "--configs", "int8", "int2-g32", "--out", str(tmp_path / "cmp"),
+          *common])
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "int8" in table and "int2-g32" in table and "ΔPPL (gptq)" in table
+    assert (tmp_path / "cmp" / "ppl_vs_size.png").stat().st_size > 1000
+    int8 = json.loads((tmp_path / "cmp" / "int8.json").read_text())
+    int2 = json.loads((tmp_path / "cmp" / "int2-g32.json").read_text())
+    assert int8["drift"]["mean_kl"] < int2["drift"]["mean_kl"]
+    assert int8["bits_per_weight"] > int2["bits_per_weight"]
+    assert "int2-g32" in capsys.readouterr().out
+
+
+def test_bad_config_is_a_clean_error(tiny_checkpoints: dict, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["quantize", str(tiny_checkpoints["llama"]), str(tmp_path / "q"), "--bits", "5"])
+    assert info.value.code == 2
+    assert "bits=5" in capsys.readouterr().err
+
+
+def test_push_refuses_non_hfquant_folder(tiny_checkpoints: dict) -> None:
+    with pytest.raises(SystemExit, match="not an hfquant checkpoint"):
+        main(["push", str(tiny_checkpoints["llama"]), "someone/model"])
+
+
+def test_push_reports_network_failure(tiny_checkpoints: dict, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    main(["quantize", str(tiny_checkpoints["llama"]), str(tmp_path / "q"), "--bits", "8"])
+    with pytest.raises(SystemExit, match="upload to 'someone/model' failed"):
+        main(["push", str(tmp_path / "q"), "someone/model", "--token", "hf_fake"])
