@@ -44,6 +44,16 @@ def _gpt2() -> PreTrainedModel:  # Conv1D layers, weights stored (in, out)
     return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128))
 
 
+def sharp_llama(**overrides) -> PreTrainedModel:
+    """Random float64 Llama with a large init range: token NLLs vary a lot, so misaligned scoring shows."""
+    torch.manual_seed(0)
+    sizes = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "max_position_embeddings": 64}
+    config = LlamaConfig(
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5, **(sizes | overrides)
+    )
+    return LlamaForCausalLM(config).to(torch.float64).eval()
+
+
 BUILDERS = {"llama": _llama, "qwen2": _qwen2, "opt": _opt, "gpt2": _gpt2}
 
 

@@ -3,20 +3,14 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from hfquant.evaluation import drift
+from tiny_models import sharp_llama as tiny_llama
 
 SEQLEN = 16
 
 
-def tiny_llama(**overrides) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    sizes = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "max_position_embeddings": 64}
-    config = LlamaConfig(
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5, **(sizes | overrides)
-    )
-    return LlamaForCausalLM(config).to(torch.float64).eval()
 
 
 @pytest.fixture(scope="module")

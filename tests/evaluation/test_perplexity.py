@@ -4,21 +4,14 @@ import datasets
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from hfquant.evaluation import perplexity_gptq, perplexity_strided, tokenize_corpus
+from tiny_models import sharp_llama as tiny_llama
 
 NUM_TOKENS = 61
 
 
-def tiny_llama(**overrides) -> LlamaForCausalLM:
-    """Random float64 Llama; a large init range makes token NLLs vary a lot, so misaligned scoring shows."""
-    torch.manual_seed(0)
-    sizes = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "max_position_embeddings": 64}
-    config = LlamaConfig(
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5, **(sizes | overrides)
-    )
-    return LlamaForCausalLM(config).to(torch.float64).eval()
 
 
 @pytest.fixture(scope="module")

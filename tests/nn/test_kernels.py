@@ -1,0 +1,248 @@
+"""Kernels vs the reference path, the dispatch table, and what repacking must not change.
+
+Tolerances (max |kernel - exact| / max |exact|, with "exact" = float64 matmul on the oracle's
+dequantized weight): float32 1e-5; float16 2e-3; bfloat16 2e-2. The 16-bit bounds are a few times
+the reference path's own error in that dtype (its weight and output are rounded the same way).
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import hfquant
+from hfquant.formats import WeightFormat
+from hfquant.nn import kernels
+from hfquant.nn.qlinear import QuantLinear, prepare_for_inference
+from hfquant.quantize import dequantize_packed, quantize
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+DTYPES = list(TOLERANCE)
+X_SHAPES = [(1,), (7,), (2, 5)]  # leading dims of the input: 1 token, 7 tokens, a 3-D batch
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# (format, in_features): per channel, groups of 32..256, ragged last groups, groups torch splits.
+INT4_CASES = [(WeightFormat(4, g, sym), k) for (g, k), sym in itertools.product(
+    [(32, 256), (64, 256), (128, 256), (256, 512), (-1, 256), (128, 576), (128, 200), (512, 1024), (-1, 200)],
+    (False, True))]
+WIDENED_CASES = [(WeightFormat(3, 128), 256), (WeightFormat(3, 64, sym=True), 200), (WeightFormat(2, 64), 256),
+                 (WeightFormat(2, 32, sym=True), 96)]
+INT8_CASES = [(WeightFormat(8, -1, sym), k) for sym, k in itertools.product((True, False), (256, 200, 33))]
+KERNEL_CASES = {"int4pack": INT4_CASES + WIDENED_CASES, "int8pack": INT8_CASES}
+
+
+def _stored(fmt: WeightFormat, out_features: int, in_features: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=gen) * 0.05 + 0.01  # off-centre: asym zeros != mid
+    return quantize(weight, fmt).packed()
+
+
+def _relative_error(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> float:
+    exact = x.double() @ weight.double().T
+    return float((got.double() - exact).abs().max() / exact.abs().max())
+
+
+def _check_kernel(kernel: kernels.Kernel, fmt: WeightFormat, in_features: int, dtype: torch.dtype,
+                  device: str) -> None:
+    if not kernels.kernel_works(kernel.name, device, dtype):
+        pytest.skip(f"{kernel.name} does not run with {dtype} in this torch build")
+    out_features = 48
+    layout = kernel.layout(fmt, in_features, out_features)
+    assert layout is not None, f"{kernel.name} should take {fmt.name} with in_features={in_features}"
+    stored = {k: v.to(device) for k, v in _stored(fmt, out_features, in_features).items()}
+    tensors = kernel.pack(stored, fmt, layout, dtype)
+    weight = dequantize_packed({k: v.cpu() for k, v in stored.items()}, fmt, in_features)
+    plan = kernels.Plan(kernel, kernels.Route(kernel.name, device, dtype), layout)
+    gen = torch.Generator().manual_seed(1)
+    for lead in X_SHAPES:
+        x = torch.randn(*lead, in_features, generator=gen).to(device=device, dtype=dtype)
+        got = plan.linear(x, tensors, None)
+        assert got.shape == (*lead, out_features) and got.dtype == dtype
+        err = _relative_error(got.cpu().reshape(-1, out_features), x.cpu().reshape(-1, in_features), weight)
+        assert err < TOLERANCE[dtype], f"{kernel.name} {fmt.name} {dtype} x{lead}: error {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind, fmt, in_features",
+                         [(kind, f, k) for kind, cases in KERNEL_CASES.items() for f, k in cases],
+                         ids=lambda v: getattr(v, "name", str(v)))
+def test_cpu_kernel_matches_exact(kind: str, fmt: WeightFormat, in_features: int, dtype: torch.dtype) -> None:
+    _check_kernel(kernels.KERNELS[f"{kind}-cpu"], fmt, in_features, dtype, "cpu")
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind, fmt, in_features",
+                         [(kind, f, k) for kind, cases in KERNEL_CASES.items() for f, k in cases],
+                         ids=lambda v: getattr(v, "name", str(v)))
+def test_cuda_kernel_matches_exact(kind: str, fmt: WeightFormat, in_features: int, dtype: torch.dtype) -> None:
+    _check_kernel(kernels.KERNELS[f"{kind}-cuda"], fmt, in_features, dtype, "cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", [WeightFormat(b, g, s) for b, g, s in itertools.product((2, 3, 4, 8), (-1, 32, 48, 128),
+                                                                                        (True, False))],
+                         ids=lambda f: f.name)
+def test_fast_dequantize_is_bit_identical_to_oracle(fmt: WeightFormat, dtype: torch.dtype) -> None:
+    stored = _stored(fmt, 24, 200)  # 200 columns: the last group is short for every group size here
+    assert torch.equal(kernels.dequantize_stored(stored, fmt, 200, dtype), dequantize_packed(stored, fmt, 200, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reference_forward_matches_exact(dtype: torch.dtype) -> None:
+    fmt = WeightFormat(3, 48)
+    layer = QuantLinear(200, 40, fmt, bias=True, dtype=dtype)
+    layer.load_quantized(quantize(torch.randn(40, 200) * 0.05, fmt))
+    layer.bias.data.normal_()
+    x = torch.randn(2, 5, 200, dtype=dtype)
+    weight = torch.cat([layer.dequantized_weight(torch.float64), layer.bias.double()[:, None]], dim=1)
+    got = layer(x).reshape(10, 40)
+    err = _relative_error(got, torch.cat([x.reshape(10, 200), torch.ones(10, 1, dtype=dtype)], dim=1), weight)
+    assert err < TOLERANCE[dtype]
+
+
+# ------------------------------------------------------------------------------------------------
+# Dispatch table
+# ------------------------------------------------------------------------------------------------
+
+
+def test_routes_name_known_kernels_of_their_device() -> None:
+    for route in kernels.ROUTES:
+        assert kernels.KERNELS[route.kernel].device_type == route.device_type
+
+
+@pytest.mark.parametrize("fmt, out_features, in_features, dtype, widen, expected", [
+    (WeightFormat(4, 128), 64, 256, torch.bfloat16, False, "int4pack-cpu"),
+    (WeightFormat(4, -1, sym=True), 64, 200, torch.bfloat16, False, "int4pack-cpu"),
+    (WeightFormat(8, -1, sym=True), 64, 256, torch.bfloat16, False, "int8pack-cpu"),
+    (WeightFormat(3, 128), 64, 256, torch.bfloat16, False, None),  # no 3-bit kernel
+    (WeightFormat(2, 64), 64, 256, torch.bfloat16, False, None),
+    (WeightFormat(3, 128), 64, 256, torch.bfloat16, True, "int4pack-cpu"),  # unless widening is allowed
+    (WeightFormat(8, 128, sym=True), 64, 256, torch.bfloat16, False, None),  # int8 kernel: per channel only
+    (WeightFormat(4, 48), 64, 256, torch.bfloat16, False, None),  # 48 is no multiple of 32
+    (WeightFormat(4, 16), 64, 256, torch.bfloat16, False, None),
+    (WeightFormat(4, 128), 40, 256, torch.bfloat16, False, None),  # out_features % 16
+    (WeightFormat(4, 128), 64, 256, torch.float32, False, None),  # torch's fp32/fp16 CPU paths are scalar
+    (WeightFormat(8, -1, sym=True), 64, 256, torch.float16, False, None),
+])
+def test_plan_for_cpu(fmt: WeightFormat, out_features: int, in_features: int, dtype: torch.dtype, widen: bool,
+                      expected: str | None) -> None:
+    plan = kernels.plan_for(fmt, in_features, out_features, "cpu", dtype, widen)
+    assert (plan and plan.kernel.name) == expected
+
+
+def test_token_limit_routes_large_inputs_to_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    fmt = WeightFormat(4, 32)
+    layer = QuantLinear(64, 32, fmt, bias=False)
+    layer.load_quantized(quantize(torch.randn(32, 64), fmt))
+    assert layer.prepare_kernel(torch.bfloat16) == "int4pack-cpu"
+    limit = layer.kernel_plan.route.max_tokens
+    calls = []
+    real = kernels.reference_linear
+    monkeypatch.setattr(kernels, "reference_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    layer(torch.randn(1, limit, 64, dtype=torch.bfloat16))
+    assert calls == []
+    layer(torch.randn(1, limit + 1, 64, dtype=torch.bfloat16))
+    layer(torch.randn(3, 64))  # float32: no route
+    assert calls == [(1, limit + 1, 64), (3, 64)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Module state: buffers, state_dict, moves
+# ------------------------------------------------------------------------------------------------
+
+
+def _layer(fmt: WeightFormat = WeightFormat(4, 32), in_features: int = 64, out_features: int = 32) -> QuantLinear:
+    layer = QuantLinear(in_features, out_features, fmt, bias=True)
+    layer.load_quantized(quantize(torch.randn(out_features, in_features), fmt))
+    return layer
+
+
+def test_kernel_tensors_stay_out_of_state_dict() -> None:
+    layer = _layer()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    assert layer.prepare_kernel(torch.bfloat16) == "int4pack-cpu"
+    assert layer.kernel_tensors() and all(n.startswith("kernel_") for n, _ in layer.named_buffers())
+    after = layer.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    layer.release_kernel()
+    assert not list(layer.named_buffers()) and layer.kernel_plan is None
+
+
+def test_moving_or_casting_repacks() -> None:
+    layer = _layer()
+    assert layer.prepare_kernel(torch.float32) == "reference"
+    layer.to(torch.bfloat16)  # activations become bfloat16, which has a CPU route
+    assert layer.kernel_plan is not None and layer.kernel_plan.route.dtype == torch.bfloat16
+    assert layer.kernel_tensors()["scales_and_zeros"].dtype == torch.bfloat16
+    layer.to(torch.float32)
+    assert layer.kernel_plan is None and not layer.kernel_tensors()
+
+
+def test_meta_layers_stay_on_reference() -> None:
+    layer = QuantLinear(64, 32, WeightFormat(4, 32), device="meta")
+    assert layer.prepare_kernel(torch.bfloat16) == "reference"
+
+
+# ------------------------------------------------------------------------------------------------
+# Through transformers
+# ------------------------------------------------------------------------------------------------
+
+IDS = torch.tensor([[5, 17, 99, 3, 42, 64, 8, 120, 77, 1, 2, 31, 9]])
+
+
+@pytest.fixture(scope="module")
+def bf16_llama(tiny_checkpoints: dict) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], dtype=torch.bfloat16,
+                                                quantization_config=hfquant.HfQuantConfig(bits=4, group_size=32))
+
+
+def test_loading_prepares_kernels(bf16_llama: torch.nn.Module) -> None:
+    names = {m.kernel_plan.kernel.name if m.kernel_plan else None
+             for m in bf16_llama.modules() if isinstance(m, QuantLinear)}
+    assert names == {"int4pack-cpu"}  # every quantized layer of the tiny Llama fits the int4 CPU kernel
+
+
+def test_save_reload_after_repacking_is_bit_exact(bf16_llama: torch.nn.Module, tmp_path: Path) -> None:
+    layers = {n: m for n, m in bf16_llama.named_modules() if isinstance(m, QuantLinear)}
+    with torch.no_grad():
+        logits = bf16_llama(IDS).logits
+    bf16_llama.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert not any("kernel_" in k for k in saved)
+    for name, layer in layers.items():
+        for key, tensor in layer.stored().items():
+            assert torch.equal(saved[f"{name}.{key}"], tensor), f"{name}.{key}"
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert all(m.kernel_plan is not None for m in again.modules() if isinstance(m, QuantLinear))
+    with torch.no_grad():
+        assert torch.equal(again(IDS).logits, logits)
+    # And repacking changed no answer beyond the kernel's tolerance: compare with the reference path.
+    prepare_for_inference(again, dtype=torch.float32)  # no CPU float32 route: reference everywhere
+    assert all(m.kernel_plan is None for m in again.modules() if isinstance(m, QuantLinear))
+    with torch.no_grad():
+        reference = again(IDS).logits
+    assert float((reference - logits).abs().max() / reference.abs().max()) < 0.05
+
+
+def test_forward_compiles_without_graph_breaks(bf16_llama: torch.nn.Module) -> None:
+    torch._dynamo.reset()
+    layer = bf16_llama.model.layers[0].mlp.down_proj
+    x = torch.randn(1, 3, layer.in_features, dtype=torch.bfloat16)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)  # fake-tensor tracing of the kernel op
+    torch.testing.assert_close(compiled(x), layer(x))
+    model = torch.compile(bf16_llama, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, bf16_llama(IDS).logits)
+    torch._dynamo.reset()
+
+
+def test_generate_with_static_cache(bf16_llama: torch.nn.Module) -> None:
+    dynamic = bf16_llama.generate(IDS, max_new_tokens=5, do_sample=False)
+    static = bf16_llama.generate(IDS, max_new_tokens=5, do_sample=False, cache_implementation="static")
+    assert torch.equal(static, dynamic)
