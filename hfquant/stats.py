@@ -33,20 +33,27 @@ class StorageStats:
 
 
 def storage_stats(model: nn.Module) -> StorageStats:
-    """Count each distinct tensor once (tied weights share storage)."""
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    quantized_ids = {id(t) for layer in layers for t in layer.stored().values()}
+    """What ``save_pretrained`` stores: the state dict, each distinct tensor once (tied weights share).
+
+    Non-persistent buffers (e.g. kernel-layout copies of packed weights) are not counted.
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    quantized_keys = {f"{name}.{key}" for name, layer in layers.items() for key in layer.stored()}
+    quantized = other = 0
     seen: set[int] = set()
-    other = 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if id(tensor) in quantized_ids or tensor.data_ptr() in seen:
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.data_ptr() in seen:
             continue
         seen.add(tensor.data_ptr())
-        other += tensor.numel() * tensor.element_size()
+        size = tensor.numel() * tensor.element_size()
+        if key in quantized_keys:
+            quantized += size
+        else:
+            other += size
     return StorageStats(
         quantized_layers=len(layers),
-        quantized_weights=sum(layer.in_features * layer.out_features for layer in layers),
-        quantized_bytes=sum(t.numel() * t.element_size() for layer in layers for t in layer.stored().values()),
+        quantized_weights=sum(layer.in_features * layer.out_features for layer in layers.values()),
+        quantized_bytes=quantized,
         other_bytes=other,
     )
 

@@ -17,7 +17,7 @@ from hfquant.hf import integration
 from hfquant.hf.calibrate import calibrate_and_quantize
 from hfquant.hf.config import HfQuantConfig
 from hfquant.hf.saving import save_pretrained_with_card
-from hfquant.nn.qlinear import QuantLinear
+from hfquant.nn.qlinear import QuantLinear, prepare_for_inference
 
 
 class HfQuantQuantizer(HfQuantizer):
@@ -52,6 +52,7 @@ class HfQuantQuantizer(HfQuantizer):
             if isinstance(module, QuantLinear):
                 module.requires_grad_(False)
         model.save_pretrained = partial(save_pretrained_with_card, model, model.save_pretrained)
+        prepare_for_inference(model)  # repack for the kernels of hfquant.nn.kernels; state_dict unchanged
         return model
 
     def _dequantize(self, model: Any, dtype: torch.dtype | None = None) -> Any:

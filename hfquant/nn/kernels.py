@@ -28,8 +28,8 @@ widening 2/3-bit codes to 4 bits costs memory, so it is opt-in (``widen=True``).
 
 :data:`ROUTES` is the dispatch table: for a device type and activation dtype, which kernel to
 try, in order, and up to how many tokens (rows of the flattened input) it beats the reference
-path. The limits come from ``bench/inference.py --micro`` on the CPU it was run on (see the
-comment at the table); beyond them a prepared layer uses the reference path.
+path. The limits are measurements (``bench/inference.py --micro`` on CPU, ``bench/gpu_check.py``
+on CUDA; numbers at the table); beyond them a prepared layer uses the reference path.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import lru_cache
+from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -53,12 +53,12 @@ Tensors = dict[str, torch.Tensor]
 # ----------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def _byte_layout(bits: int) -> tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """How codes sit in bytes: bytes per chunk, and per code its low byte/shift and high byte/shift.
 
     A chunk is ``lcm(bits, 8)`` bits. A code that straddles two bytes takes its high bits from the
-    next byte; one that does not reads its "high byte" from a zero byte appended to the chunk.
+    next byte.
     """
     chunk_bits = math.lcm(bits, 8)
     nbytes = chunk_bits // 8
@@ -68,7 +68,7 @@ def _byte_layout(bits: int) -> tuple[int, tuple[int, ...], tuple[int, ...], tupl
         lo_byte.append(byte)
         lo_shift.append(offset)
         straddles = offset + bits > 8
-        hi_byte.append(byte + 1 if straddles else nbytes)
+        hi_byte.append(byte + 1 if straddles else nbytes)  # nbytes: no high part
         hi_shift.append(8 - offset if straddles else 0)
     return nbytes, tuple(lo_byte), tuple(lo_shift), tuple(hi_byte), tuple(hi_shift)
 
@@ -88,12 +88,13 @@ def unpack_bytes(words: torch.Tensor, bits: int) -> torch.Tensor:
     if nbytes == 1:  # 2, 4, 8 bits: no code straddles a byte
         shifts = torch.tensor(lo_shift, dtype=torch.uint8, device=words.device)
         return ((chunks >> shifts) & mask).reshape(rows, -1)
-    chunks = F.pad(chunks, (0, 1))
-    device = words.device
-    low = chunks[..., torch.tensor(lo_byte, device=device)] >> torch.tensor(lo_shift, dtype=torch.uint8, device=device)
-    high = chunks[..., torch.tensor(hi_byte, device=device)] << torch.tensor(hi_shift, dtype=torch.uint8,
-                                                                              device=device)
-    return ((low | high) & mask).reshape(rows, -1)
+    codes = torch.empty(rows, chunks.shape[1], len(lo_byte), dtype=torch.uint8, device=words.device)
+    for j, (lo, lo_s, hi, hi_s) in enumerate(zip(lo_byte, lo_shift, hi_byte, hi_shift, strict=True)):
+        code = chunks[..., lo] >> lo_s
+        if hi < nbytes:
+            code = code | (chunks[..., hi] << hi_s)
+        codes[..., j] = code & mask
+    return codes.reshape(rows, -1)
 
 
 def dequantize_stored(stored: Tensors, fmt: WeightFormat, in_features: int, dtype: torch.dtype) -> torch.Tensor:
@@ -115,11 +116,29 @@ def dequantize_stored(stored: Tensors, fmt: WeightFormat, in_features: int, dtyp
     return weight.reshape(rows, span)[:, :in_features]
 
 
+REFERENCE_CHUNK = 1 << 22  # weights dequantized at a time by the eager reference path
+
+
 def reference_linear(x: torch.Tensor, stored: Tensors, fmt: WeightFormat, in_features: int,
                      bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ dequantize(W).T + b`` with the weight dequantized in ``x``'s dtype."""
-    weight = dequantize_stored(stored, fmt, in_features, x.dtype)
-    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+    """``x @ dequantize(W).T + b`` with the weight dequantized in ``x``'s dtype.
+
+    Eagerly on CPU, a large weight is dequantized a block of output rows at a time: each block's
+    temporaries stay small enough for the allocator to reuse and for the cache to hold, instead of
+    a fresh page-faulted full-size float copy per call (2-3x faster for a 5632x2048 float32 layer
+    at 1 token on the machine of the ROUTES measurements). Under ``torch.compile`` the whole
+    weight is one expression for the compiler to fuse.
+    """
+    bias = None if bias is None else bias.to(x.dtype)
+    out_features = stored["weight"].shape[0]
+    rows = max(16, REFERENCE_CHUNK // in_features)
+    if torch.compiler.is_compiling() or x.device.type != "cpu" or out_features <= rows:
+        return F.linear(x, dequantize_stored(stored, fmt, in_features, x.dtype), bias)
+    parts = [F.linear(x, dequantize_stored({k: v[start:start + rows] for k, v in stored.items()}, fmt, in_features,
+                                           x.dtype))
+             for start in range(0, out_features, rows)]
+    y = torch.cat(parts, dim=-1)
+    return y if bias is None else y + bias
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,7 +172,7 @@ class Kernel:
     pack: Callable[[Tensors, WeightFormat, Layout, torch.dtype], Tensors]
     matmul: Callable[[torch.Tensor, Tensors, Layout], torch.Tensor]
     widen_bits: tuple[int, ...] = ()  # narrower code widths it can take by widening (more memory)
-    ops: tuple[str, ...] = field(default=())  # aten ops it needs; missing ones make it unavailable
+    ops: tuple[str, ...] = ()  # aten ops it needs; missing ones make it unavailable
 
     def takes(self, fmt: WeightFormat, widen: bool) -> bool:
         return fmt.bits in self.bits or (widen and fmt.bits in self.widen_bits)
@@ -177,22 +196,32 @@ def _int4_layout(multiple_of_out: int) -> Callable[[WeightFormat, int, int], Lay
     return layout
 
 
-def _int4_codes(stored: Tensors, fmt: WeightFormat, lay: Layout) -> torch.Tensor:
-    """``int32 (out, padded_in)`` codes; padded columns are 0 (they meet zero-padded inputs)."""
-    codes = unpack_bytes(stored["weight"], fmt.bits)
-    codes = codes[:, :lay.in_features]
-    return F.pad(codes, (0, lay.padded_in - lay.in_features)).to(torch.int32)
+def _int4_codes_and_zeros(stored: Tensors, fmt: WeightFormat, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """``int32 (out, padded_in)`` codes and their ``float32 (out, groups)`` zero points, as 4-bit codes.
 
-
-def _int4_scales_and_zeros(stored: Tensors, fmt: WeightFormat, lay: Layout, dtype: torch.dtype) -> torch.Tensor:
-    """torch's ``(padded_in / group, out, 2)`` table of ``(s, (8 - zero) * s)``, computed in float32."""
-    scale = stored["weight_scale"].float()
+    Codes narrower than 4 bits are shifted up per group (``q + c``, ``zero + c``, same weights) so
+    the zero point lands on 8: torch's zero term ``(8 - zero) * s`` is then exactly 0 and loses
+    nothing to rounding in 16-bit dtypes. Padded columns are 0 (they meet zero-padded inputs).
+    """
+    scale = stored["weight_scale"]
     zero = stored.get("weight_zero")
-    zero = torch.full_like(scale, fmt.sym_zero) if zero is None else zero.float()
+    if zero is None:
+        zero = torch.full(scale.shape, fmt.sym_zero, dtype=torch.int32, device=scale.device)
+    zero = zero.to(torch.int32)
+    shift = (8 - zero).clamp(0, 16 - 2**fmt.bits)
+    codes = unpack_bytes(stored["weight"], fmt.bits)[:, :lay.in_features].to(torch.int32)
+    width = fmt.group_width(lay.in_features)
+    codes = codes + shift.repeat_interleave(width, dim=1)[:, :lay.in_features]
+    return F.pad(codes, (0, lay.padded_in - lay.in_features)), (zero + shift).float()
+
+
+def _int4_scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor, fmt: WeightFormat, lay: Layout,
+                           dtype: torch.dtype) -> torch.Tensor:
+    """torch's ``(padded_in / group, out, 2)`` table of ``(s, (8 - zero) * s)``, computed in float32."""
     ours = torch.arange(lay.padded_in // lay.group, device=scale.device) * lay.group // fmt.group_width(
         lay.in_features)
     ours = ours.clamp(max=scale.shape[1] - 1)  # groups made only of padding reuse the last one
-    s, z = scale[:, ours], zero[:, ours]
+    s, z = scale.float()[:, ours], zero[:, ours]
     return torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous().to(dtype)
 
 
@@ -203,9 +232,9 @@ def _pad_input(x2d: torch.Tensor, lay: Layout) -> torch.Tensor:
 
 
 def _pack_int4_cpu(stored: Tensors, fmt: WeightFormat, lay: Layout, dtype: torch.dtype) -> Tensors:
-    codes = _int4_codes(stored, fmt, lay)
+    codes, zero = _int4_codes_and_zeros(stored, fmt, lay)
     return {"weight": torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1),
-            "scales_and_zeros": _int4_scales_and_zeros(stored, fmt, lay, dtype)}
+            "scales_and_zeros": _int4_scales_and_zeros(stored["weight_scale"], zero, fmt, lay, dtype)}
 
 
 def _matmul_int4_cpu(x2d: torch.Tensor, tensors: Tensors, lay: Layout) -> torch.Tensor:
@@ -218,10 +247,10 @@ def _cuda_inner_k_tiles(padded_in: int) -> int:
 
 
 def _pack_int4_cuda(stored: Tensors, fmt: WeightFormat, lay: Layout, dtype: torch.dtype) -> Tensors:
-    codes = _int4_codes(stored, fmt, lay)
+    codes, zero = _int4_codes_and_zeros(stored, fmt, lay)
     pairs = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
     return {"weight": torch.ops.aten._convert_weight_to_int4pack(pairs, _cuda_inner_k_tiles(lay.padded_in)),
-            "scales_and_zeros": _int4_scales_and_zeros(stored, fmt, lay, dtype)}
+            "scales_and_zeros": _int4_scales_and_zeros(stored["weight_scale"], zero, fmt, lay, dtype)}
 
 
 def _matmul_int4_cuda(x2d: torch.Tensor, tensors: Tensors, lay: Layout) -> torch.Tensor:
@@ -229,24 +258,28 @@ def _matmul_int4_cuda(x2d: torch.Tensor, tensors: Tensors, lay: Layout) -> torch
                                               tensors["scales_and_zeros"])
 
 
+_INT8_COLUMNS = 32  # torch 2.13's bfloat16 CPU int8 kernel reads out of bounds unless in_features % 16 == 0
+
+
 def _int8_layout(fmt: WeightFormat, in_features: int, out_features: int) -> Layout | None:
     if fmt.num_groups(in_features) != 1:
         return None
-    return Layout(in_features=in_features, padded_in=in_features, correct_zero=not fmt.sym)
+    padded = math.ceil(in_features / _INT8_COLUMNS) * _INT8_COLUMNS
+    return Layout(in_features=in_features, padded_in=padded, correct_zero=not fmt.sym)
 
 
 def _pack_int8(stored: Tensors, fmt: WeightFormat, lay: Layout, dtype: torch.dtype) -> Tensors:
     codes = unpack_bytes(stored["weight"], 8)[:, :lay.in_features]
+    weight = (codes ^ 0x80).view(torch.int8)  # q - 128, two's complement
     scale = stored["weight_scale"][:, 0].float()
-    tensors = {"weight": (codes ^ 0x80).view(torch.int8).contiguous(),  # q - 128, two's complement
-               "scale": scale.to(dtype)}
+    tensors = {"weight": F.pad(weight, (0, lay.padded_in - lay.in_features)).contiguous(), "scale": scale.to(dtype)}
     if lay.correct_zero:
         tensors["zero_correction"] = (stored["weight_zero"][:, 0].float() - 128) * scale  # float32
     return tensors
 
 
 def _matmul_int8(x2d: torch.Tensor, tensors: Tensors, lay: Layout) -> torch.Tensor:
-    y = torch.ops.aten._weight_int8pack_mm(x2d.contiguous(), tensors["weight"], tensors["scale"])
+    y = torch.ops.aten._weight_int8pack_mm(_pad_input(x2d, lay), tensors["weight"], tensors["scale"])
     if lay.correct_zero:
         row_sums = x2d.sum(dim=-1, keepdim=True, dtype=torch.float32)
         y = (y.float() - row_sums * tensors["zero_correction"]).to(y.dtype)
@@ -281,17 +314,28 @@ class Route:
     max_tokens: int | None = None  # None: any number of tokens
 
 
-# CPU limits measured with `python bench/inference.py --micro` (2-core Xeon, AVX512 + AMX, torch
-# 2.13): torch's CPU int4/int8 kernels are vectorized for bfloat16 only; their float32/float16
-# paths are scalar loops that lose to the reference path at every size, so those dtypes have no
-# CPU route. In bfloat16 both beat "dequantize + AMX matmul" for decode-sized batches only.
+# CPU limits from `python bench/inference.py --micro` (bench/results/inference_micro.md: a 5632x2048
+# plus a 2048x5632 layer, 2-core Xeon with AVX512/AMX, torch 2.13). Speedup over the reference path:
+#   bfloat16  int4pack: 34x at 1 token, 11x at 8, 3.0x at 32, 1.6x at 64, 0.83x at 128, 0.30x at 512
+#             int8pack: 23x at 1 token, 7.3x at 8, 1.8x at 32, 1.0-1.2x at 64, 0.6x at 128
+#   float32   int8pack 1.8x and int4pack 1.2-1.5x at 1 token, both lose from 2 tokens on (scalar loops)
+#   float16   int8pack 1.2x at 1 token; int4pack loses already at 1 token (0.8x)
+# Prefill-sized inputs go to the reference path, whose bfloat16 matmul runs on AMX.
+# CUDA limits from `bench/gpu_check.py` on an H200 (torch 2.11, 4096x4096 / 11008x4096 / 4096x11008):
+#   bfloat16  int4pack (tinygemm): 11-21x at 1 token, 8-13x at 8, 4-5x at 32, 1.35-1.4x at 128,
+#             0.7-0.8x at 256 (and 1.0-1.7x faster than a dense bfloat16 matmul up to 8 tokens)
+#   int8pack: 1.1-2.2x at 1-2 tokens, 0.8-1.2x at 4, 0.5-0.7x at 8, in every dtype
+#   torch 2.11's CUDA int4 kernel takes bfloat16 only; float16/float32 use the reference path.
 ROUTES: tuple[Route, ...] = (
-    Route("int4pack-cpu", "cpu", torch.bfloat16, max_tokens=16),
-    Route("int8pack-cpu", "cpu", torch.bfloat16, max_tokens=8),
-    Route("int4pack-cuda", "cuda", torch.bfloat16),
-    Route("int8pack-cuda", "cuda", torch.bfloat16, max_tokens=16),
-    Route("int8pack-cuda", "cuda", torch.float16, max_tokens=16),
-    Route("int8pack-cuda", "cuda", torch.float32, max_tokens=16),
+    Route("int4pack-cpu", "cpu", torch.bfloat16, max_tokens=64),
+    Route("int8pack-cpu", "cpu", torch.bfloat16, max_tokens=32),
+    Route("int8pack-cpu", "cpu", torch.float32, max_tokens=1),
+    Route("int4pack-cpu", "cpu", torch.float32, max_tokens=1),
+    Route("int8pack-cpu", "cpu", torch.float16, max_tokens=1),
+    Route("int4pack-cuda", "cuda", torch.bfloat16, max_tokens=128),
+    Route("int8pack-cuda", "cuda", torch.bfloat16, max_tokens=2),
+    Route("int8pack-cuda", "cuda", torch.float16, max_tokens=2),
+    Route("int8pack-cuda", "cuda", torch.float32, max_tokens=2),
 )
 
 
@@ -330,7 +374,7 @@ def plan_for(fmt: WeightFormat, in_features: int, out_features: int, device: tor
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def kernel_works(name: str, device: str, dtype: torch.dtype) -> bool:
     """Whether ``name`` runs here and agrees with the reference path on a small layer (checked once).
 

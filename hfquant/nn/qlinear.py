@@ -107,7 +107,7 @@ class QuantLinear(nn.Module):
             return plan.linear(x, self.kernel_tensors(), self.bias)
         return kernels.reference_linear(x, self.stored(), self.fmt, self.in_features, self.bias)
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 (nn.Module's signature)
+    def _apply(self, fn, recurse: bool = True):  # same signature as nn.Module._apply
         """``.to()``/``.cuda()``/``.half()``: repack for the new device and dtype instead of moving kernel tensors."""
         request = self._kernel_request
         self.release_kernel()

@@ -127,8 +127,9 @@ def test_routes_name_known_kernels_of_their_device() -> None:
     (WeightFormat(4, 48), 64, 256, torch.bfloat16, False, None),  # 48 is no multiple of 32
     (WeightFormat(4, 16), 64, 256, torch.bfloat16, False, None),
     (WeightFormat(4, 128), 40, 256, torch.bfloat16, False, None),  # out_features % 16
-    (WeightFormat(4, 128), 64, 256, torch.float32, False, None),  # torch's fp32/fp16 CPU paths are scalar
-    (WeightFormat(8, -1, sym=True), 64, 256, torch.float16, False, None),
+    (WeightFormat(4, 128), 64, 256, torch.float32, False, "int4pack-cpu"),  # for 1 token only
+    (WeightFormat(8, -1, sym=True), 64, 256, torch.float16, False, "int8pack-cpu"),
+    (WeightFormat(4, 128), 64, 256, torch.float16, False, None),  # loses even at 1 token
 ])
 def test_plan_for_cpu(fmt: WeightFormat, out_features: int, in_features: int, dtype: torch.dtype, widen: bool,
                       expected: str | None) -> None:
@@ -157,7 +158,8 @@ def test_token_limit_routes_large_inputs_to_reference(monkeypatch: pytest.Monkey
 # ------------------------------------------------------------------------------------------------
 
 
-def _layer(fmt: WeightFormat = WeightFormat(4, 32), in_features: int = 64, out_features: int = 32) -> QuantLinear:
+def _layer(in_features: int = 64, out_features: int = 32) -> QuantLinear:
+    fmt = WeightFormat(4, 32)
     layer = QuantLinear(in_features, out_features, fmt, bias=True)
     layer.load_quantized(quantize(torch.randn(out_features, in_features), fmt))
     return layer
@@ -176,11 +178,11 @@ def test_kernel_tensors_stay_out_of_state_dict() -> None:
 
 def test_moving_or_casting_repacks() -> None:
     layer = _layer()
-    assert layer.prepare_kernel(torch.float32) == "reference"
+    assert layer.prepare_kernel(torch.float16) == "reference"
     layer.to(torch.bfloat16)  # activations become bfloat16, which has a CPU route
     assert layer.kernel_plan is not None and layer.kernel_plan.route.dtype == torch.bfloat16
     assert layer.kernel_tensors()["scales_and_zeros"].dtype == torch.bfloat16
-    layer.to(torch.float32)
+    layer.to(torch.float16)
     assert layer.kernel_plan is None and not layer.kernel_tensors()
 
 
@@ -208,6 +210,11 @@ def test_loading_prepares_kernels(bf16_llama: torch.nn.Module) -> None:
     assert names == {"int4pack-cpu"}  # every quantized layer of the tiny Llama fits the int4 CPU kernel
 
 
+def test_prepare_for_inference_infers_the_activation_dtype(bf16_llama: torch.nn.Module) -> None:
+    used = prepare_for_inference(bf16_llama)  # dtype from the embeddings: bfloat16
+    assert len(used) == 14 and set(used.values()) == {"int4pack-cpu"}  # 2 layers x 7 projections
+
+
 def test_save_reload_after_repacking_is_bit_exact(bf16_llama: torch.nn.Module, tmp_path: Path) -> None:
     layers = {n: m for n, m in bf16_llama.named_modules() if isinstance(m, QuantLinear)}
     with torch.no_grad():
@@ -223,8 +230,8 @@ def test_save_reload_after_repacking_is_bit_exact(bf16_llama: torch.nn.Module, t
     with torch.no_grad():
         assert torch.equal(again(IDS).logits, logits)
     # And repacking changed no answer beyond the kernel's tolerance: compare with the reference path.
-    prepare_for_inference(again, dtype=torch.float32)  # no CPU float32 route: reference everywhere
-    assert all(m.kernel_plan is None for m in again.modules() if isinstance(m, QuantLinear))
+    for layer in (m for m in again.modules() if isinstance(m, QuantLinear)):
+        layer.release_kernel()
     with torch.no_grad():
         reference = again(IDS).logits
     assert float((reference - logits).abs().max() / reference.abs().max()) < 0.05
