@@ -96,8 +96,8 @@ def _with_hidden_states(inputs: BlockInputs, hidden: torch.Tensor) -> BlockInput
 
 def layer_groups(block: nn.Module, targets: dict[str, nn.Module], inputs: BlockInputs) -> list[list[str]]:
     """Target layers of ``block`` in call order, grouped by the input tensor they share."""
-    order: list[tuple[str, int]] = []
-    handles = [layer.register_forward_hook(lambda _m, args, _o, name=name: order.append((name, id(args[0]))))
+    calls: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps their ids from being reused
+    handles = [layer.register_forward_hook(lambda _m, args, _o, name=name: calls.append((name, args[0])))
                for name, layer in targets.items()]
     try:
         with torch.inference_mode():
@@ -105,15 +105,12 @@ def layer_groups(block: nn.Module, targets: dict[str, nn.Module], inputs: BlockI
     finally:
         for handle in handles:
             handle.remove()
-    groups: list[list[str]] = []
-    seen_input: dict[int, list[str]] = {}
-    for name, input_id in order:
-        if input_id not in seen_input:
-            seen_input[input_id] = []
-            groups.append(seen_input[input_id])
-        if name not in seen_input[input_id]:
-            seen_input[input_id].append(name)
-    return groups
+    groups: dict[int, list[str]] = {}
+    for name, tensor in calls:
+        group = groups.setdefault(id(tensor), [])
+        if name not in group:
+            group.append(name)
+    return list(groups.values())
 
 
 def quantize_sequentially(

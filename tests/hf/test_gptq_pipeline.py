@@ -85,11 +85,8 @@ def test_offloaded_blocks_give_the_same_result(tiny_checkpoints: dict, tmp_path:
     assert isinstance(offloaded.model.layers[0].self_attn.q_proj, QuantLinear)
     assert [n for n, m in offloaded.named_modules() if isinstance(m, QuantLinear)] == \
         [n for n, m in resident.named_modules() if isinstance(m, QuantLinear)]
-    # Bit-equal when this test runs alone; after other GPTQ tests in the same process a rounding tie
-    # can flip (cause not yet found), so the check here is on quality: the same error as resident.
-    base = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"])
-    resident_error = _hidden_error(resident, base, EVAL)
-    assert abs(_hidden_error(offloaded, base, EVAL) - resident_error) <= 0.1 * resident_error
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(EVAL).logits, resident(EVAL).logits, rtol=0, atol=1e-5)
 
 
 def test_seqlen_above_context_is_rejected(tiny_checkpoints: dict) -> None:
