@@ -5,7 +5,11 @@ activation dtype, ``F.linear``. It is the oracle in tests and the fallback for e
 kernel covers. A *kernel* is one of torch's own weight-only-quantized matmuls; it needs the
 weight repacked into its own layout once (:meth:`Kernel.pack`), and that layout can depend on
 the machine (torch's CPU int4 layout differs between AVX512, AVX2 and other builds), so kernel
-tensors are never saved: they live in non-persistent buffers and are rebuilt at load.
+tensors are never saved: they live in non-persistent buffers and are rebuilt at load. The
+canonical packed tensors stay too (``state_dict()`` returns them bit-exactly), so a prepared layer
+holds both: +4 bits per weight for the int4 kernels (also for widened 2/3-bit codes), +8 bits for
+int8, plus the kernel's scales. Rebuilding the canonical tensors from the kernel layout on save
+would avoid that, but torch's CPU int4 layout is build-specific, so no exact inverse is kept.
 
 Kernels (each a :class:`Kernel` value; the op names are torch's):
 

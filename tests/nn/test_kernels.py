@@ -106,6 +106,16 @@ def test_reference_forward_matches_exact(dtype: torch.dtype) -> None:
     assert err < TOLERANCE[dtype]
 
 
+def test_reference_path_in_row_blocks_matches_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    fmt = WeightFormat(4, 32)
+    stored = _stored(fmt, 40, 200)
+    bias = torch.randn(40)
+    x = torch.randn(2, 3, 200)
+    whole = kernels.reference_linear(x, stored, fmt, 200, bias)
+    monkeypatch.setattr(kernels, "REFERENCE_CHUNK", 1000)  # blocks of 16 output rows: 16 + 16 + 8
+    torch.testing.assert_close(kernels.reference_linear(x, stored, fmt, 200, bias), whole, rtol=1e-6, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------
 # Dispatch table
 # ------------------------------------------------------------------------------------------------
