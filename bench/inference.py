@@ -85,6 +85,24 @@ MICRO_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
 MICRO_DTYPES = ("bfloat16", "float32", "float16")
 
 
+def _micro_plans(fmt: WeightFormat, layers: list[tuple[int, int, dict]], dtype: torch.dtype
+                 ) -> dict[str, list[tuple[kernels.Plan, dict]]]:
+    """Per column name, each layer's plan and kernel tensors: every CPU kernel taking ``fmt``, computing
+    in ``dtype``, and for float32 activations also in bfloat16 (the ``compute_dtype`` routes)."""
+    computes = [dtype] + ([torch.bfloat16] if dtype == torch.float32 else [])
+    plans = {}
+    for kernel in kernels.KERNELS.values():
+        layouts = [kernel.layout(fmt, i, o) for i, o, _ in layers]
+        if kernel.device_type != "cpu" or not kernel.takes(fmt, widen=True) or not all(layouts):
+            continue
+        for compute in computes:
+            route = kernels.Route(kernel.name, "cpu", dtype, compute_dtype=compute)
+            name = kernel.name if compute == dtype else f"{kernel.name} via {str(compute).removeprefix('torch.')}"
+            plans[name] = [(kernels.Plan(kernel, route, lay), kernel.pack(stored, fmt, lay, compute))
+                           for lay, (_, _, stored) in zip(layouts, layers, strict=True)]
+    return plans
+
+
 def micro(tokens: tuple[int, ...], dtypes: tuple[str, ...], formats: dict[str, WeightFormat]) -> list[dict]:
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -95,11 +113,7 @@ def micro(tokens: tuple[int, ...], dtypes: tuple[str, ...], formats: dict[str, W
             layers.append((in_features, out_features, quantize(weight, fmt).packed()))
         for dname in dtypes:
             dtype = getattr(torch, dname)
-            candidates = [k for k in kernels.KERNELS.values()
-                          if k.device_type == "cpu" and k.takes(fmt, widen=True)
-                          and all(k.layout(fmt, i, o) for i, o, _ in layers)]
-            packed = {k.name: [(k.layout(fmt, i, o), k.pack(s, fmt, k.layout(fmt, i, o), dtype)) for i, o, s in layers]
-                      for k in candidates}
+            plans = _micro_plans(fmt, layers, dtype)
             lost_by_far: set[str] = set()  # kernels already 3x slower than the reference at fewer tokens
             for m in tokens:
                 xs = [torch.randn(m, i, generator=gen).to(dtype) for i, _, _ in layers]
@@ -109,11 +123,11 @@ def micro(tokens: tuple[int, ...], dtypes: tuple[str, ...], formats: dict[str, W
                 row = {"format": fname, "dtype": dname, "tokens": m, "reference_ms": ref,
                        "dense_ms": sum(best_ms(lambda x=x, w=w: torch.nn.functional.linear(x, w))
                                        for x, w in zip(xs, dense, strict=True))}
-                for k in (k for k in candidates if k.name not in lost_by_far):
-                    row[f"{k.name}_ms"] = sum(best_ms(lambda x=x, lt=lt, k=k: k.matmul(x, lt[1], lt[0]))
-                                             for x, lt in zip(xs, packed[k.name], strict=True))
-                    if row[f"{k.name}_ms"] > 3 * ref:
-                        lost_by_far.add(k.name)
+                for name in (name for name in plans if name not in lost_by_far):
+                    row[f"{name}_ms"] = sum(best_ms(lambda x=x, pt=pt: pt[0].linear(x, pt[1], None))
+                                            for x, pt in zip(xs, plans[name], strict=True))
+                    if row[f"{name}_ms"] > 3 * ref:
+                        lost_by_far.add(name)
                 rows.append(row)
                 print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     return rows
@@ -187,12 +201,12 @@ def measure(model_path: str, spec: tuple[dict | None, str, bool]) -> dict:
             decode = {}
             for batch, steps in DECODE_STEPS.items():
                 out = model(torch.randint(vocab, (batch, PROMPT_TOKENS), generator=gen), use_cache=True)
-                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                cache, token = out.cache, out.logits[:, -1:].argmax(-1)
                 step_s = []
                 for _ in range(steps):
                     t0 = time.perf_counter()
-                    out = model(token, past_key_values=cache, use_cache=True)
-                    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                    out = model(token, cache=cache, use_cache=True)
+                    cache, token = out.cache, out.logits[:, -1:].argmax(-1)
                     step_s.append(time.perf_counter() - t0)
                 decode[batch] = batch / statistics.median(step_s)
     return {"load_avg": load_avg, "load_s": load_s, "kernels": dict(used), "stored_mib": stored_bytes / 2**20,

@@ -7,8 +7,9 @@
 
 from hfquant.formats import WeightFormat
 from hfquant.hf import HfQuantConfig, HfQuantQuantizer, register
+from hfquant.nn.qlinear import prepare_for_inference
 
 register()
 
 __version__ = "0.1.0"
-__all__ = ["HfQuantConfig", "HfQuantQuantizer", "WeightFormat", "__version__"]
+__all__ = ["HfQuantConfig", "HfQuantQuantizer", "WeightFormat", "__version__", "prepare_for_inference"]

@@ -12,10 +12,11 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from hfquant.algorithms import get_method
 from hfquant.formats import SUPPORTED_BITS, WeightFormat
+from hfquant.nn.kernels import KERNEL_MODES
 
 QUANT_METHOD = "hfquant"
 FORMAT_VERSION = 1
-_LOAD_TIME_ONLY = ("dataset", "tokenizer")
+_LOAD_TIME_ONLY = ("dataset", "tokenizer", "kernels")
 
 
 def _require_int(name: str, value: Any, minimum: int) -> None:
@@ -39,6 +40,11 @@ class HfQuantConfig(QuantizationConfigMixin):
             ``None`` = the bundled corpus. Never saved.
         tokenizer: tokenizer (or its path) for the calibration text; default: the model's own. Never saved.
         num_samples, seqlen, seed: how calibration batches are drawn (calibrated methods only).
+        kernels: which matmul kernels the loaded model may use (:mod:`hfquant.nn.kernels`):
+            ``"auto"`` the fastest (float32 activations may compute in bfloat16 inside a kernel),
+            ``"exact"`` only kernels computing in the activation dtype, ``"off"`` the dequantize +
+            matmul reference path only. Never saved; for a reloaded model call
+            :func:`hfquant.prepare_for_inference`.
         **options: method-specific options (see the method's options dataclass).
     """
 
@@ -54,6 +60,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         num_samples: int = 128,
         seqlen: int = 2048,
         seed: int = 0,
+        kernels: str = "auto",
         calibration: dict[str, Any] | None = None,
         base_model: str | None = None,
         format_version: int = FORMAT_VERSION,
@@ -77,6 +84,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         ):
             raise ValueError(f"modules_to_not_convert={modules_to_not_convert!r} is not allowed; "
                              "expected None or a list of non-empty module names/patterns")
+        if kernels not in KERNEL_MODES:
+            raise ValueError(f"kernels={kernels!r} is not allowed; expected one of {KERNEL_MODES}")
         if not isinstance(method, str):
             raise ValueError(f"method={method!r} is not allowed; expected a method name string")
         self.quant_method = quant_method
@@ -97,6 +106,7 @@ class HfQuantConfig(QuantizationConfigMixin):
             raise ValueError(f"dataset={dataset!r} was given but method={method!r} uses no calibration data")
         self.dataset = dataset
         self.tokenizer = tokenizer
+        self.kernels = kernels
         self.calibration = calibration  # provenance, filled in when a calibrated method ran
         self.base_model = base_model  # provenance, filled in when the model was quantized
 

@@ -52,11 +52,17 @@ class HfQuantQuantizer(HfQuantizer):
             if isinstance(module, QuantLinear):
                 module.requires_grad_(False)
         model.save_pretrained = partial(save_pretrained_with_card, model, model.save_pretrained)
-        prepare_for_inference(model)  # repack for the kernels of hfquant.nn.kernels; state_dict unchanged
+        # repack for the kernels of hfquant.nn.kernels; state_dict unchanged
+        prepare_for_inference(model, kernels=self.quantization_config.kernels)
         return model
 
     def _dequantize(self, model: Any, dtype: torch.dtype | None = None) -> Any:
         return integration.dequantize_model(model, dtype or torch.float32)
+
+    @property
+    def is_compileable(self) -> bool:
+        """QuantLinear compiles without graph breaks (reference path and kernels), so generate() may compile."""
+        return True
 
     def is_serializable(self) -> bool:
         return True

@@ -34,6 +34,12 @@ widening 2/3-bit codes to 4 bits costs memory, so it is opt-in (``widen=True``).
 try, in order, and up to how many tokens (rows of the flattened input) it beats the reference
 path. The limits are measurements (``bench/inference.py --micro`` on CPU, ``bench/gpu_check.py``
 on CUDA; numbers at the table); beyond them a prepared layer uses the reference path.
+
+A route may run its kernel in another *compute dtype* than the activations: float32 inputs are
+rounded to bfloat16 for the CPU kernels (which are slow in float32) and the output is cast back to
+float32. That adds bfloat16 rounding (relative 2**-9) to activations and outputs, an error far
+below the weight quantization error of any format here. :data:`KERNEL_MODES` chooses what may run:
+``"auto"`` every route, ``"exact"`` only routes that compute in the activation dtype, ``"off"`` none.
 """
 
 from __future__ import annotations
@@ -57,7 +63,6 @@ Tensors = dict[str, torch.Tensor]
 # ----------------------------------------------------------------------------------------------
 
 
-@cache
 def _byte_layout(bits: int) -> tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """How codes sit in bytes: bytes per chunk, and per code its low byte/shift and high byte/shift.
 
@@ -77,6 +82,9 @@ def _byte_layout(bits: int) -> tuple[int, tuple[int, ...], tuple[int, ...], tupl
     return nbytes, tuple(lo_byte), tuple(lo_shift), tuple(hi_byte), tuple(hi_shift)
 
 
+_BYTE_LAYOUTS = {bits: _byte_layout(bits) for bits in range(1, 9)}  # a constant table: dynamo traces no cache
+
+
 def unpack_bytes(words: torch.Tensor, bits: int) -> torch.Tensor:
     """All codes of packed rows (padding included), as ``uint8``; same result as :func:`packing.unpack`.
 
@@ -85,7 +93,7 @@ def unpack_bytes(words: torch.Tensor, bits: int) -> torch.Tensor:
     """
     if sys.byteorder != "little" or bits > 8:
         return unpack(words, bits, words.shape[-1] * WORD_BITS // bits)
-    nbytes, lo_byte, lo_shift, hi_byte, hi_shift = _byte_layout(bits)
+    nbytes, lo_byte, lo_shift, hi_byte, hi_shift = _BYTE_LAYOUTS[bits]
     rows = words.shape[0]
     chunks = words.view(torch.uint8).reshape(rows, -1, nbytes)
     mask = 2**bits - 1
@@ -310,19 +318,35 @@ KERNELS = {k.name: k for k in (INT4_CPU, INT4_CUDA, INT8_CPU, INT8_CUDA)}
 
 @dataclass(frozen=True)
 class Route:
-    """Use ``kernel`` for activations of ``dtype`` on ``device_type`` for up to ``max_tokens`` rows."""
+    """Use ``kernel`` for activations of ``dtype`` on ``device_type`` for up to ``max_tokens`` rows.
+
+    The kernel computes in ``compute_dtype`` (``None``: in ``dtype``): inputs are cast to it and
+    outputs back.
+    """
 
     kernel: str
     device_type: str
     dtype: torch.dtype
     max_tokens: int | None = None  # None: any number of tokens
+    compute_dtype: torch.dtype | None = None
+
+    @property
+    def computes_in(self) -> torch.dtype:
+        return self.compute_dtype or self.dtype
+
+    @property
+    def exact(self) -> bool:
+        """Whether the kernel computes in the activation dtype (no extra rounding)."""
+        return self.computes_in == self.dtype
 
 
 # CPU limits from `python bench/inference.py --micro` (bench/results/inference_micro.md: a 5632x2048
 # plus a 2048x5632 layer, 2-core Xeon with AVX512/AMX, torch 2.13). Speedup over the reference path:
 #   bfloat16  int4pack: 34x at 1 token, 11x at 8, 3.0x at 32, 1.6x at 64, 0.83x at 128, 0.30x at 512
 #             int8pack: 23x at 1 token, 7.3x at 8, 1.8x at 32, 1.0-1.2x at 64, 0.6x at 128
-#   float32   int8pack 1.8x and int4pack 1.2-1.5x at 1 token, both lose from 2 tokens on (scalar loops)
+#   float32   int8pack 1.8x and int4pack 1.2-1.5x at 1 token, both lose from 2 tokens on (scalar loops);
+#             through bfloat16 (compute_dtype): int4pack 7-500x at 1-8 tokens, 1.4x at 128; int8pack
+#             3-12x at 1-32 tokens, ~1x at 64 (the float32 reference is slower than bfloat16's)
 #   float16   int8pack 1.2x at 1 token; int4pack loses already at 1 token (0.8x)
 # Prefill-sized inputs go to the reference path, whose bfloat16 matmul runs on AMX.
 # CUDA limits from `bench/gpu_check.py` on an H200 (torch 2.11, 4096x4096 / 11008x4096 / 4096x11008):
@@ -333,6 +357,8 @@ class Route:
 ROUTES: tuple[Route, ...] = (
     Route("int4pack-cpu", "cpu", torch.bfloat16, max_tokens=64),
     Route("int8pack-cpu", "cpu", torch.bfloat16, max_tokens=32),
+    Route("int4pack-cpu", "cpu", torch.float32, max_tokens=64, compute_dtype=torch.bfloat16),
+    Route("int8pack-cpu", "cpu", torch.float32, max_tokens=32, compute_dtype=torch.bfloat16),
     Route("int8pack-cpu", "cpu", torch.float32, max_tokens=1),
     Route("int4pack-cpu", "cpu", torch.float32, max_tokens=1),
     Route("int8pack-cpu", "cpu", torch.float16, max_tokens=1),
@@ -358,22 +384,30 @@ class Plan:
         return limit is None or x.numel() // max(x.shape[-1], 1) <= limit
 
     def linear(self, x: torch.Tensor, tensors: Tensors, bias: torch.Tensor | None) -> torch.Tensor:
-        y = self.kernel.matmul(x.reshape(-1, x.shape[-1]), tensors, self.layout)
+        y = self.kernel.matmul(x.reshape(-1, x.shape[-1]).to(self.route.computes_in), tensors, self.layout)
+        y = y.to(x.dtype)
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+KERNEL_MODES = ("auto", "exact", "off")  # which routes may run; see the module docstring
+
+
 def plan_for(fmt: WeightFormat, in_features: int, out_features: int, device: torch.device | str,
-             dtype: torch.dtype, widen: bool = False, routes: tuple[Route, ...] = ROUTES) -> Plan | None:
+             dtype: torch.dtype, widen: bool = False, mode: str = "auto",
+             routes: tuple[Route, ...] = ROUTES) -> Plan | None:
     """The first route of the table whose kernel takes this layer and works here; None = reference."""
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernels={mode!r} is not allowed; expected one of {KERNEL_MODES}")
     device_type = torch.device(device).type
     for route in routes:
-        if route.device_type != device_type or route.dtype != dtype:
+        if route.device_type != device_type or route.dtype != dtype or mode == "off" or (
+                mode == "exact" and not route.exact):
             continue
         kernel = KERNELS[route.kernel]
         lay = kernel.layout(fmt, in_features, out_features) if kernel.takes(fmt, widen) else None
-        if lay is not None and kernel_works(kernel.name, str(torch.device(device)), dtype):
+        if lay is not None and kernel_works(kernel.name, str(torch.device(device)), route.computes_in):
             return Plan(kernel, route, lay)
     return None
 

@@ -53,7 +53,7 @@ class QuantLinear(nn.Module):
             torch.zeros(out_features, groups, dtype=ZERO_DTYPE, device=device), **frozen)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), **frozen) if bias else None
         self.kernel_plan: kernels.Plan | None = None
-        self._kernel_request: tuple[torch.dtype, bool] | None = None  # (activation dtype, widen) asked for
+        self._kernel_request: tuple[torch.dtype, bool, str] | None = None  # (activation dtype, widen, mode)
 
     def stored(self) -> dict[str, torch.Tensor]:
         """The packed tensors, keyed like :meth:`QuantizedWeight.packed`."""
@@ -71,21 +71,23 @@ class QuantLinear(nn.Module):
         """The ``(out, in)`` float weight this layer computes with."""
         return dequantize_packed(self.stored(), self.fmt, self.in_features, dtype)
 
-    def prepare_kernel(self, dtype: torch.dtype, widen: bool = False) -> str:
+    def prepare_kernel(self, dtype: torch.dtype, widen: bool = False, mode: str = "auto") -> str:
         """Repack for the kernel the dispatch table picks for this format, device and ``dtype``.
 
         Returns the kernel's name, or ``"reference"`` when none applies (meta/offloaded weights
-        included). ``widen`` lets 2/3-bit codes use a 4-bit kernel (more memory than the codes).
+        included). ``widen`` lets 2/3-bit codes use a 4-bit kernel (more memory than the codes);
+        ``mode`` is one of :data:`kernels.KERNEL_MODES`.
         """
         self.release_kernel()
-        self._kernel_request = (dtype, widen)
+        self._kernel_request = (dtype, widen, mode)
         if self.weight.device.type == "meta":
             return "reference"
-        plan = kernels.plan_for(self.fmt, self.in_features, self.out_features, self.weight.device, dtype, widen)
+        plan = kernels.plan_for(self.fmt, self.in_features, self.out_features, self.weight.device, dtype, widen,
+                                mode)
         if plan is None:
             return "reference"
         with torch.no_grad():
-            tensors = plan.kernel.pack(self.stored(), self.fmt, plan.layout, dtype)
+            tensors = plan.kernel.pack(self.stored(), self.fmt, plan.layout, plan.route.computes_in)
         for name, tensor in tensors.items():
             self.register_buffer(_KERNEL_PREFIX + name, tensor, persistent=False)
         self.kernel_plan = plan
@@ -113,9 +115,9 @@ class QuantLinear(nn.Module):
         self.release_kernel()
         module = super()._apply(fn, recurse)
         if request is not None:
-            dtype, widen = request
+            dtype, widen, mode = request
             probe = fn(torch.empty(0, dtype=dtype, device=self.weight.device))  # what fn does to activations
-            self.prepare_kernel(probe.dtype, widen)
+            self.prepare_kernel(probe.dtype, widen, mode)
         return module
 
     def extra_repr(self) -> str:
@@ -127,14 +129,17 @@ class QuantLinear(nn.Module):
 _KERNEL_PREFIX = "kernel_"
 
 
-def prepare_for_inference(model: nn.Module, dtype: torch.dtype | None = None, widen: bool = False) -> dict[str, str]:
+def prepare_for_inference(model: nn.Module, dtype: torch.dtype | None = None, widen: bool = False,
+                          kernels: str = "auto") -> dict[str, str]:
     """Repack every :class:`QuantLinear` of ``model`` for its kernel; returns ``{layer name: kernel name}``.
 
     ``dtype`` is the activation dtype to prepare for; ``None`` takes the dtype of the model's first
-    floating-point parameter outside the quantized layers (its embeddings, usually).
+    floating-point parameter outside the quantized layers (its embeddings, usually). ``kernels``:
+    ``"auto"`` (fastest routes, float32 may compute in bfloat16), ``"exact"`` (only kernels that
+    compute in ``dtype``) or ``"off"`` (reference path only).
     """
     dtype = dtype or _activation_dtype(model)
-    return {name: module.prepare_kernel(dtype, widen)
+    return {name: module.prepare_kernel(dtype, widen, kernels)
             for name, module in model.named_modules() if isinstance(module, QuantLinear)}
 
 

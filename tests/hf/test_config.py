@@ -27,6 +27,8 @@ from hfquant import HfQuantConfig
         (dict(quant_method="gptq"), "quant_method"),
         (dict(format_version=99), "format_version"),
         (dict(damp_percent=0.1), "damp_percent"),
+        (dict(kernels="fast"), "kernels"),
+        (dict(kernels=None), "kernels"),
     ],
 )
 def test_invalid_field_names_field_and_value(kwargs: dict, field: str) -> None:

@@ -34,6 +34,9 @@ WIDENED_CASES = [(WeightFormat(3, 128), 256), (WeightFormat(3, 64, sym=True), 20
                  (WeightFormat(2, 32, sym=True), 96)]
 INT8_CASES = [(WeightFormat(8, -1, sym), k) for sym, k in itertools.product((True, False), (256, 200, 33))]
 KERNEL_CASES = {"int4pack": INT4_CASES + WIDENED_CASES, "int8pack": INT8_CASES}
+EVERY_KERNEL_CASE = pytest.mark.parametrize(
+    "kind, fmt, in_features", [(kind, f, k) for kind, cases in KERNEL_CASES.items() for f, k in cases],
+    ids=lambda v: getattr(v, "name", str(v)))
 
 
 def _stored(fmt: WeightFormat, out_features: int, in_features: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -48,38 +51,41 @@ def _relative_error(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) ->
 
 
 def _check_kernel(kernel: kernels.Kernel, fmt: WeightFormat, in_features: int, dtype: torch.dtype,
-                  device: str) -> None:
-    if not kernels.kernel_works(kernel.name, device, dtype):
-        pytest.skip(f"{kernel.name} does not run with {dtype} in this torch build")
+                  device: str, compute_dtype: torch.dtype | None = None) -> None:
+    """The kernel, run as a route for ``dtype`` activations computing in ``compute_dtype``, vs exact maths."""
+    route = kernels.Route(kernel.name, device, dtype, compute_dtype=compute_dtype)
+    if not kernels.kernel_works(kernel.name, device, route.computes_in):
+        pytest.skip(f"{kernel.name} does not run with {route.computes_in} in this torch build")
     out_features = 48
     layout = kernel.layout(fmt, in_features, out_features)
     assert layout is not None, f"{kernel.name} should take {fmt.name} with in_features={in_features}"
     stored = {k: v.to(device) for k, v in _stored(fmt, out_features, in_features).items()}
-    tensors = kernel.pack(stored, fmt, layout, dtype)
+    tensors = kernel.pack(stored, fmt, layout, route.computes_in)
     weight = dequantize_packed({k: v.cpu() for k, v in stored.items()}, fmt, in_features)
-    plan = kernels.Plan(kernel, kernels.Route(kernel.name, device, dtype), layout)
+    plan = kernels.Plan(kernel, route, layout)
     gen = torch.Generator().manual_seed(1)
     for lead in X_SHAPES:
         x = torch.randn(*lead, in_features, generator=gen).to(device=device, dtype=dtype)
         got = plan.linear(x, tensors, None)
         assert got.shape == (*lead, out_features) and got.dtype == dtype
         err = _relative_error(got.cpu().reshape(-1, out_features), x.cpu().reshape(-1, in_features), weight)
-        assert err < TOLERANCE[dtype], f"{kernel.name} {fmt.name} {dtype} x{lead}: error {err:.2e}"
+        assert err < TOLERANCE[route.computes_in], f"{kernel.name} {fmt.name} {route} x{lead}: error {err:.2e}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kind, fmt, in_features",
-                         [(kind, f, k) for kind, cases in KERNEL_CASES.items() for f, k in cases],
-                         ids=lambda v: getattr(v, "name", str(v)))
+@EVERY_KERNEL_CASE
 def test_cpu_kernel_matches_exact(kind: str, fmt: WeightFormat, in_features: int, dtype: torch.dtype) -> None:
     _check_kernel(kernels.KERNELS[f"{kind}-cpu"], fmt, in_features, dtype, "cpu")
 
 
+@EVERY_KERNEL_CASE
+def test_cpu_kernel_on_float32_through_bfloat16(kind: str, fmt: WeightFormat, in_features: int) -> None:
+    _check_kernel(kernels.KERNELS[f"{kind}-cpu"], fmt, in_features, torch.float32, "cpu", torch.bfloat16)
+
+
 @CUDA
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kind, fmt, in_features",
-                         [(kind, f, k) for kind, cases in KERNEL_CASES.items() for f, k in cases],
-                         ids=lambda v: getattr(v, "name", str(v)))
+@EVERY_KERNEL_CASE
 def test_cuda_kernel_matches_exact(kind: str, fmt: WeightFormat, in_features: int, dtype: torch.dtype) -> None:
     _check_kernel(kernels.KERNELS[f"{kind}-cuda"], fmt, in_features, dtype, "cuda")
 
@@ -137,7 +143,8 @@ def test_routes_name_known_kernels_of_their_device() -> None:
     (WeightFormat(4, 48), 64, 256, torch.bfloat16, False, None),  # 48 is no multiple of 32
     (WeightFormat(4, 16), 64, 256, torch.bfloat16, False, None),
     (WeightFormat(4, 128), 40, 256, torch.bfloat16, False, None),  # out_features % 16
-    (WeightFormat(4, 128), 64, 256, torch.float32, False, "int4pack-cpu"),  # for 1 token only
+    (WeightFormat(4, 128), 64, 256, torch.float32, False, "int4pack-cpu"),
+    (WeightFormat(8, -1, sym=True), 64, 256, torch.float32, False, "int8pack-cpu"),
     (WeightFormat(8, -1, sym=True), 64, 256, torch.float16, False, "int8pack-cpu"),
     (WeightFormat(4, 128), 64, 256, torch.float16, False, None),  # loses even at 1 token
 ])
@@ -145,6 +152,18 @@ def test_plan_for_cpu(fmt: WeightFormat, out_features: int, in_features: int, dt
                       expected: str | None) -> None:
     plan = kernels.plan_for(fmt, in_features, out_features, "cpu", dtype, widen)
     assert (plan and plan.kernel.name) == expected
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 128), (8, -1)])
+def test_kernel_modes_choose_what_may_run(bits: int, group_size: int) -> None:
+    fmt = WeightFormat(bits, group_size, sym=True)
+    auto = kernels.plan_for(fmt, 256, 64, "cpu", torch.float32, mode="auto")
+    assert auto.route.computes_in == torch.bfloat16 and auto.route.max_tokens > 1  # fast, bf16 rounding
+    exact = kernels.plan_for(fmt, 256, 64, "cpu", torch.float32, mode="exact")
+    assert exact.route.computes_in == torch.float32 and exact.route.max_tokens == 1
+    assert kernels.plan_for(fmt, 256, 64, "cpu", torch.float32, mode="off") is None
+    with pytest.raises(ValueError, match="kernels='fast'.*'auto', 'exact', 'off'"):
+        kernels.plan_for(fmt, 256, 64, "cpu", torch.float32, mode="fast")
 
 
 def test_token_limit_routes_large_inputs_to_reference(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -159,7 +178,7 @@ def test_token_limit_routes_large_inputs_to_reference(monkeypatch: pytest.Monkey
     layer(torch.randn(1, limit, 64, dtype=torch.bfloat16))
     assert calls == []
     layer(torch.randn(1, limit + 1, 64, dtype=torch.bfloat16))
-    layer(torch.randn(3, 64))  # float32: no route
+    layer(torch.randn(3, 64, dtype=torch.float16))  # not the dtype prepared for
     assert calls == [(1, limit + 1, 64), (3, 64)]
 
 
@@ -247,19 +266,18 @@ def test_save_reload_after_repacking_is_bit_exact(bf16_llama: torch.nn.Module, t
     assert float((reference - logits).abs().max() / reference.abs().max()) < 0.05
 
 
-def test_forward_compiles_without_graph_breaks(bf16_llama: torch.nn.Module) -> None:
-    torch._dynamo.reset()
-    layer = bf16_llama.model.layers[0].mlp.down_proj
-    x = torch.randn(1, 3, layer.in_features, dtype=torch.bfloat16)
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)  # fake-tensor tracing of the kernel op
-    torch.testing.assert_close(compiled(x), layer(x))
-    model = torch.compile(bf16_llama, backend="eager", fullgraph=True)
-    with torch.no_grad():
-        torch.testing.assert_close(model(IDS).logits, bf16_llama(IDS).logits)
-    torch._dynamo.reset()
-
-
-def test_generate_with_static_cache(bf16_llama: torch.nn.Module) -> None:
-    dynamic = bf16_llama.generate(IDS, max_new_tokens=5, do_sample=False)
-    static = bf16_llama.generate(IDS, max_new_tokens=5, do_sample=False, cache_implementation="static")
-    assert torch.equal(static, dynamic)
+@pytest.mark.parametrize("mode, kernel, computes_in", [("auto", "int4pack-cpu", torch.bfloat16),
+                                                        ("exact", "int4pack-cpu", torch.float32),
+                                                        ("off", None, None)])
+def test_config_kernels_mode_reaches_the_layers(tiny_checkpoints: dict, mode: str, kernel: str | None,
+                                                computes_in: torch.dtype | None) -> None:
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_checkpoints["llama"], dtype=torch.float32,
+        quantization_config=hfquant.HfQuantConfig(bits=4, group_size=32, kernels=mode))
+    plans = {m.kernel_plan for m in model.modules() if isinstance(m, QuantLinear)}
+    assert {p and p.kernel.name for p in plans} == {kernel}
+    assert {p and p.route.computes_in for p in plans} == {computes_in}
+    assert "kernels" not in model.config.quantization_config.to_dict()  # a runtime choice, never saved
+    if mode == "off":
+        hfquant.prepare_for_inference(model, kernels="auto")  # the switch for a reloaded model
+        assert all(m.kernel_plan for m in model.modules() if isinstance(m, QuantLinear))
