@@ -37,6 +37,21 @@ def quantizable_layers(model: nn.Module, skip: list[str]) -> list[tuple[str, nn.
             if isinstance(module, LINEAR_TYPES) and not is_skipped(name, skip)]
 
 
+def check_no_tied_layers(model: nn.Module, skip: list[str]) -> None:
+    """Refuse to quantize a layer whose weight is tied to another tensor (e.g. ``lm_head`` to the embeddings).
+
+    Its weight is not in the checkpoint under its own name, so it would never be quantized and its
+    scales would stay uninitialised: a silently wrong model.
+    """
+    tied_keys = getattr(model, "all_tied_weights_keys", None) or {}
+    tied = {key.removesuffix(".weight") for pair in tied_keys.items() for key in pair}
+    offending = sorted(name for name, _ in quantizable_layers(model, skip) if name in tied)
+    if offending:
+        raise ValueError(f"modules_to_not_convert={skip!r} leaves {offending} to quantize, but their weights are tied "
+                         "to other tensors (tie_word_embeddings); allowed: keep them in full precision by listing "
+                         "them in modules_to_not_convert (or pass None for the default)")
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -31,6 +31,8 @@ class HfQuantQuantizer(HfQuantizer):
         config = self.quantization_config
         skip = self.get_modules_to_not_convert(model, config.modules_to_not_convert, keep_in_fp32_modules)
         config.modules_to_not_convert = sorted(skip)
+        if not self.pre_quantized:
+            integration.check_no_tied_layers(model, config.modules_to_not_convert)
         if self.pre_quantized or not config.calibrated:
             integration.replace_linear_layers(model, config.weight_format, config.modules_to_not_convert)
 

@@ -92,6 +92,14 @@ def test_tied_embeddings_stay_tied_and_float(tiny_checkpoints: dict) -> None:
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_quantizing_a_tied_lm_head_is_refused(method: str, tiny_checkpoints: dict) -> None:
+    # Its weight is the embeddings' (not in the checkpoint under lm_head): it would load unquantized garbage.
+    config = hfquant.HfQuantConfig(bits=8, method=method, modules_to_not_convert=[])
+    with pytest.raises(ValueError, match=r"modules_to_not_convert=\[\] leaves \['lm_head'\].*tied"):
+        AutoModelForCausalLM.from_pretrained(tiny_checkpoints["qwen2"], quantization_config=config)
+
+
 def test_modules_to_not_convert_overrides_defaults(tiny_checkpoints: dict) -> None:
     config = hfquant.HfQuantConfig(bits=8, modules_to_not_convert=["mlp.down_proj"])
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], quantization_config=config)
