@@ -170,12 +170,16 @@ def _progress_bar(windows: Sequence[Window], desc: str, progress: bool) -> tqdm:
 
 @contextmanager
 def _evaluating(*models: torch.nn.Module) -> Iterator[None]:
-    """Run under ``torch.inference_mode`` with ``models`` in eval mode; restore their previous modes afterwards."""
+    """Run under ``torch.no_grad`` with ``models`` in eval mode; restore their previous modes afterwards.
+
+    Not ``inference_mode``: some quantized layers of other libraries (optimum-quanto int4) fail on
+    inference tensors, and a base model given for comparison may be one of them.
+    """
     was_training = [model.training for model in models]
     for model in models:
         model.eval()
     try:
-        with torch.inference_mode():
+        with torch.no_grad():
             yield
     finally:
         for model, training in zip(models, was_training):
