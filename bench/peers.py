@@ -51,7 +51,7 @@ CALIBRATION = dict(num_samples=32, seqlen=512, seed=0)  # shared by every calibr
 STACK = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
              vocab_size=4096, max_position_embeddings=1024, num_hidden_layers=4)
 ROW_TIMEOUT_S = 1200
-HARNESS_VERSION = 2  # 1 sampled memory in a thread during the timed steps (slower decode); rows keep theirs
+HARNESS_VERSION = 2  # 1 also sampled memory from a thread during the timed steps; each row keeps its own
 
 
 @dataclass(frozen=True)
@@ -424,6 +424,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", default=None, help="row names (default: all)")
     parser.add_argument("--merge", action="store_true", help="keep rows of an existing bench/results/peers.json")
     parser.add_argument("--list", action="store_true", help="list the rows and their environments")
+    parser.add_argument("--render", action="store_true", help="rewrite the table and chart from peers.json")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -438,13 +439,15 @@ def main() -> None:
     chosen = [rows[name] for name in (args.rows or rows)]
     previous = RESULTS / "peers.json"
     results: dict[str, dict[str, dict]] = json.loads(previous.read_text())["results"] if (
-        args.merge and previous.exists()) else {}
+        (args.merge or args.render) and previous.exists()) else {}
+    if args.render:
+        chosen = []
     with tempfile.TemporaryDirectory() as tmp:
         models = {}
-        if "bundled" in args.models:
+        if "bundled" in args.models and chosen:
             from hfquant.bundled import bundled_model_path
             models["SmolLM2-135M"] = (str(bundled_model_path()), True)
-        if "stack" in args.models:
+        if "stack" in args.models and chosen:
             models["llama-stack 4x(2048, 5632)"] = (synthetic_checkpoint(Path(tmp) / "stack"), False)
         for model, (path, real) in models.items():
             by_row = results.setdefault(model, {})
@@ -461,10 +464,11 @@ def main() -> None:
              f"after a {PROMPT_TOKENS}-token prompt (batch 1: {DECODE_STEPS[1]} steps, batch 8: {DECODE_STEPS[8]}). "
              f"PPL: GPTQ protocol, {PPL_TOKENS} test-split tokens in windows of {PPL_SEQLEN}. Calibrated rows: "
              f"{CALIBRATION['num_samples']} x {CALIBRATION['seqlen']} train-split tokens. 'load avg' above ~2 on "
-             "this 2-core machine means other processes competed. (†): measured by the first version of this harness, "
-             "which sampled memory from a thread during the timed steps (slower decode on 2 cores); compare its "
-             "speed only with other (†) rows.\n\n")
-    write_results("peers", {"env": environment(), "config": config, "results": results}, intro + table(results, rows))
+             "this 2-core machine means other processes competed. (†): measured in an earlier invocation, by the first "
+             "version of this harness (it also sampled memory from a thread); compare its speed only with other (†) "
+             "rows of the same model.\n\n")
+    env = json.loads(previous.read_text())["env"] if args.render else environment()
+    write_results("peers", {"env": env, "config": config, "results": results}, intro + table(results, rows))
     plot(results, rows, RESULTS / "peers.png")
 
 
