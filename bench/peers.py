@@ -369,8 +369,9 @@ def table(results: dict[str, dict[str, dict]], rows: dict[str, Row]) -> str:
                 lines.append(f"| {model} | {name} | {bits} | {row.dtype} | error: {r['error'][:160]} |" + " |" * 8)
                 continue
 
-            def rel(key: str, r: dict = r) -> str:
-                ratio = f" ({r[key] / base[key]:.2f}x)" if base.get(key) else ""
+            def rel(key: str, r: dict = r, base: dict = base) -> str:
+                same_run = r.get("harness") == base.get("harness")  # ratios only within one invocation
+                ratio = f" ({r[key] / base[key]:.2f}x)" if base.get(key) and same_run else ""
                 return f"{_fmt(r[key])}{ratio}"
             size = _fmt(r["checkpoint_mb"]) if r["checkpoint_mb"] is not None else f"not saved: {r['save_error'][:60]}"
             lines.append(f"| {model} | {name} | {bits} | {row.dtype} | {_fmt(r['quantize_s'])} | "
@@ -465,8 +466,8 @@ def main() -> None:
              f"PPL: GPTQ protocol, {PPL_TOKENS} test-split tokens in windows of {PPL_SEQLEN}. Calibrated rows: "
              f"{CALIBRATION['num_samples']} x {CALIBRATION['seqlen']} train-split tokens. 'load avg' above ~2 on "
              "this 2-core machine means other processes competed. (†): measured in an earlier invocation, by the first "
-             "version of this harness (it also sampled memory from a thread); compare its speed only with other (†) "
-             "rows of the same model.\n\n")
+             "version of this harness (it also sampled memory from a thread); no ratio is given against "
+             "the fp32 row of the later invocation.\n\n")
     env = json.loads(previous.read_text())["env"] if args.render else environment()
     write_results("peers", {"env": env, "config": config, "results": results}, intro + table(results, rows))
     plot(results, rows, RESULTS / "peers.png")
