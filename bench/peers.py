@@ -391,7 +391,8 @@ def plot(results: dict[str, dict[str, dict]], rows: dict[str, Row], out: Path) -
     fig, axes = plt.subplots(1, len(models) + 1, figsize=(7 * (len(models) + 1), 7), squeeze=False)
     colors = {}
     for ax, model in zip(axes[0], models, strict=False):
-        by_row = {n: r for n, r in results[model].items() if "error" not in r}
+        harness = results[model]["fp32"].get("harness")  # bars only for rows of the fp32 row's invocation
+        by_row = {n: r for n, r in results[model].items() if "error" not in r and r.get("harness") == harness}
         base = by_row["fp32"]["decode_b1_tok_s"]
         names = list(by_row)
         for i, name in enumerate(names):
@@ -406,12 +407,11 @@ def plot(results: dict[str, dict[str, dict]], rows: dict[str, Row], out: Path) -
     ax = axes[0][-1]
     for model in models:
         for name, r in results[model].items():
-            if r.get("ppl") and r.get("checkpoint_mb"):
+            if r.get("ppl") and r.get("checkpoint_mb") and r["ppl"] < 3 * results[model]["fp32"].get("ppl", 0):
                 color = colors.setdefault(rows[name].library, f"C{len(colors)}")
                 ax.scatter(r["checkpoint_mb"], r["ppl"], color=color)
                 ax.annotate(name, (r["checkpoint_mb"], r["ppl"]), fontsize=7)
-    ax.set_yscale("log")
-    ax.set_xlabel("checkpoint MB")
+    ax.set_xlabel("checkpoint MB (rows within 3x of fp32 PPL)")
     ax.set_ylabel("perplexity (test split, GPTQ protocol)")
     ax.set_title("quality against size")
     fig.tight_layout()
