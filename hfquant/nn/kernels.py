@@ -345,8 +345,9 @@ class Route:
 #   bfloat16  int4pack: 34x at 1 token, 11x at 8, 3.0x at 32, 1.6x at 64, 0.83x at 128, 0.30x at 512
 #             int8pack: 23x at 1 token, 7.3x at 8, 1.8x at 32, 1.0-1.2x at 64, 0.6x at 128
 #   float32   int8pack 1.8x and int4pack 1.2-1.5x at 1 token, both lose from 2 tokens on (scalar loops);
-#             through bfloat16 (compute_dtype): int4pack 7-500x at 1-8 tokens, 1.4x at 128; int8pack
-#             3-12x at 1-32 tokens, ~1x at 64 (the float32 reference is slower than bfloat16's)
+#             through bfloat16 (compute_dtype), measured on a busy machine (noisy): int4pack >2x the float32
+#             reference up to 64 tokens, 1.1-1.4x at 128-256; int8pack 2.9-12x up to 32 tokens, ~1x at 64.
+#             The limits are those of the bfloat16 routes (the float32 reference is slower than bfloat16's).
 #   float16   int8pack 1.2x at 1 token; int4pack loses already at 1 token (0.8x)
 # Prefill-sized inputs go to the reference path, whose bfloat16 matmul runs on AMX.
 # CUDA limits from `bench/gpu_check.py` on an H200 (torch 2.11, 4096x4096 / 11008x4096 / 4096x11008):
