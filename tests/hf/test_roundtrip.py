@@ -120,7 +120,9 @@ def test_loading_without_import_fails_loudly(arch: str, tiny_checkpoints: dict, 
 
 @pytest.mark.parametrize("arch", list(BUILDERS))
 def test_dequantize_gives_float_layers_with_same_outputs(arch: str, tiny_checkpoints: dict, tmp_path: Path) -> None:
-    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[arch], quantization_config=hfquant.HfQuantConfig())
+    # kernels="off": dequantize() reproduces the reference path (the default fp32 kernels round through bf16).
+    config = hfquant.HfQuantConfig(kernels="off")
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[arch], quantization_config=config)
     logits = _logits(model)
     model = model.dequantize()
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
