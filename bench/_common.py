@@ -51,11 +51,21 @@ class PeakMemory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _rss_anon_kib() -> int:
+def _status_kib(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (0 where it is missing)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
+
+
+def _rss_anon_kib() -> int:
+    return _status_kib("RssAnon")
+
+
+def rss_mib() -> float:
+    """Resident memory of this process now, in MiB."""
+    return _status_kib("VmRSS") / 1024
 
 
 def environment() -> dict[str, Any]:

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import RESULTS, environment, write_results  # noqa: E402
+from _common import RESULTS, environment, rss_mib, write_results  # noqa: E402
 
 from hfquant.formats import WeightFormat  # noqa: E402
 from hfquant.nn import kernels  # noqa: E402
@@ -159,13 +159,6 @@ DECODE_STEPS = {1: 16, 8: 8}  # batch -> single-token steps timed
 PROMPT_TOKENS = 16  # context before the timed decode steps
 
 
-def _rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def measure(model_path: str, spec: tuple[dict | None, str, bool]) -> dict:
     """Load ``model_path`` in ``spec``'s format and time prefill and decode (runs in a child process)."""
     from collections import Counter
@@ -192,7 +185,7 @@ def measure(model_path: str, spec: tuple[dict | None, str, bool]) -> dict:
         kernel_bytes = sum(t.numel() * t.element_size() for m in layers for t in m.kernel_tensors().values())
         stored_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         used = Counter(m.kernel_plan.kernel.name if m.kernel_plan else "reference" for m in layers)
-        rss_loaded = _rss_mib()
+        rss_loaded = rss_mib()
         vocab = model.config.vocab_size
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():

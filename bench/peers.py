@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -39,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import RESULTS, environment, write_results  # noqa: E402
+from _common import RESULTS, PeakMemory, environment, rss_mib, write_results  # noqa: E402
 
 VENV_ROOT = Path(os.environ.get("HFQUANT_PEER_VENVS", "/work/venvs"))
 PREFILL_TOKENS = 512
@@ -195,9 +194,9 @@ def load_llmcompressor(path: str, row: Row, dtype: Any, calibration: Any) -> Any
     oneshot(model=model, dataset=data, recipe=GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"]),
             tokenizer=AutoTokenizer.from_pretrained(path), max_seq_length=calibration.shape[1],
             num_calibration_samples=calibration.shape[0])
-    folder = Path(tempfile.mkdtemp(prefix="llmc-"))
-    model.save_pretrained(folder, save_compressed=True)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map="cpu")
+    with tempfile.TemporaryDirectory(prefix="llmc-") as folder:
+        model.save_pretrained(folder, save_compressed=True)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map="cpu")
 
 
 LOADERS: dict[str, Callable[[str, Row, Any, Any], Any]] = {
@@ -211,13 +210,6 @@ SAVERS: dict[str, Callable[[Any, Path], None]] = {"hqq": save_hqq}  # default: m
 # ------------------------------------------------------------------------------------------------
 
 
-def _rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def _corpus_ids(tokenizer: Any, split: str) -> Any:
     """The bundled corpus split as one token stream, exactly as ``hfquant eval`` scores it."""
     from hfquant.calibration.data import load_text
@@ -225,14 +217,13 @@ def _corpus_ids(tokenizer: Any, split: str) -> Any:
     return tokenize_corpus(tokenizer, load_text(None, split=split))
 
 
-def _prompts(tokenizer: Any, vocab: int) -> tuple[Any, Any]:
-    """A 512-token prompt and 8 prompts of 16 tokens: test-split text, or fixed random ids without a tokenizer."""
+def _prompts(ids: Any, vocab: int) -> tuple[Any, Any]:
+    """A 512-token prompt and 8 prompts of 16 tokens: from the test-split ``ids``, or fixed random ids if None."""
     import torch
-    if tokenizer is None:
+    if ids is None:
         gen = torch.Generator().manual_seed(0)
         return (torch.randint(vocab, (1, PREFILL_TOKENS), generator=gen),
                 torch.randint(vocab, (8, PROMPT_TOKENS), generator=gen))
-    ids = _corpus_ids(tokenizer, "test")
     decode = ids[PREFILL_TOKENS:PREFILL_TOKENS + 8 * PROMPT_TOKENS].reshape(8, PROMPT_TOKENS)
     return ids[:PREFILL_TOKENS][None], decode
 
@@ -296,15 +287,16 @@ def measure(path: str, row: Row, real: bool) -> dict[str, Any]:
     result: dict[str, Any] = {"load_avg": round(os.getloadavg()[0], 1), "threads": torch.get_num_threads(),
                               "harness": HARNESS_VERSION}
     tokenizer = AutoTokenizer.from_pretrained(path) if real else None
+    test_ids = _corpus_ids(tokenizer, "test") if real else None
     calibration = calibration_batches(tokenizer, **CALIBRATION) if row.calibrated else None
     # Peak RSS from getrusage, no sampler thread: a third runnable thread on 2 cores slows the timed steps.
     start = time.perf_counter()
     model = LOADERS[row.library](path, row, getattr(torch, row.dtype), calibration).eval()
     result["quantize_s"] = time.perf_counter() - start
-    result["rss_after_load_mib"] = _rss_mib()
+    result["rss_after_load_mib"] = rss_mib()
     result["float_linears"] = _float_linears(model)
     result["checkpoint_mb"], result["save_error"] = _checkpoint_mb(model, row.library)
-    prefill, prompts = _prompts(tokenizer, model.config.vocab_size)
+    prefill, prompts = _prompts(test_ids, model.config.vocab_size)
     with torch.no_grad():  # not inference_mode: quanto int4 fails under it
         result["prefill_tok_s"] = _time_prefill(model, prefill)
         for batch, steps in DECODE_STEPS.items():
@@ -313,12 +305,11 @@ def measure(path: str, row: Row, real: bool) -> dict[str, Any]:
         if real and estimate_s > PPL_BUDGET_S:
             result["ppl_skipped"] = f"would take about {estimate_s:.0f} s"
         elif real:
-            ids = _corpus_ids(tokenizer, "test")[:PPL_TOKENS]
             try:
-                result["ppl"] = perplexity_gptq(model, ids, PPL_SEQLEN, progress=False).ppl
+                result["ppl"] = perplexity_gptq(model, test_ids[:PPL_TOKENS], PPL_SEQLEN, progress=False).ppl
             except Exception as error:  # noqa: BLE001 - keep the speed figures, report why PPL failed
                 result["ppl_skipped"] = f"failed: {type(error).__name__}: {error}"[:200]
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mib"] = PeakMemory.peak_rss_mib()
     return result
 
 
@@ -373,10 +364,11 @@ def table(results: dict[str, dict[str, dict]], rows: dict[str, Row]) -> str:
                 same_run = r.get("harness") == base.get("harness")  # ratios only within one invocation
                 ratio = f" ({r[key] / base[key]:.2f}x)" if base.get(key) and same_run else ""
                 return f"{_fmt(r[key])}{ratio}"
+            ppl = f"skipped: {r['ppl_skipped']}" if "ppl_skipped" in r else _fmt(r.get("ppl"), 2)
             size = _fmt(r["checkpoint_mb"]) if r["checkpoint_mb"] is not None else f"not saved: {r['save_error'][:60]}"
             lines.append(f"| {model} | {name} | {bits} | {row.dtype} | {_fmt(r['quantize_s'])} | "
                          f"{rel('prefill_tok_s')} | {rel('decode_b1_tok_s')} | {rel('decode_b8_tok_s')} | "
-                         f"{_fmt(r['peak_rss_mib'], 0)} | {size} | {_fmt(r.get('ppl'), 2) if 'ppl_skipped' not in r else 'skipped: ' + r['ppl_skipped']} | {r['float_linears']} | "
+                         f"{_fmt(r['peak_rss_mib'], 0)} | {size} | {ppl} | {r['float_linears']} | "
                          f"{r['load_avg']} |")
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from hfquant.algorithms import get_method
 from hfquant.formats import SUPPORTED_BITS, WeightFormat
-from hfquant.nn.kernels import KERNEL_MODES
+from hfquant.nn.kernels import check_mode
 
 QUANT_METHOD = "hfquant"
 FORMAT_VERSION = 1
@@ -84,8 +84,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         ):
             raise ValueError(f"modules_to_not_convert={modules_to_not_convert!r} is not allowed; "
                              "expected None or a list of non-empty module names/patterns")
-        if kernels not in KERNEL_MODES:
-            raise ValueError(f"kernels={kernels!r} is not allowed; expected one of {KERNEL_MODES}")
+        check_mode(kernels)
         if not isinstance(method, str):
             raise ValueError(f"method={method!r} is not allowed; expected a method name string")
         self.quant_method = quant_method

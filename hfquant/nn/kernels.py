@@ -395,16 +395,22 @@ class Plan:
 KERNEL_MODES = ("auto", "exact", "off")  # which routes may run; see the module docstring
 
 
+def check_mode(mode: str) -> None:
+    """``ValueError`` naming ``kernels`` unless ``mode`` is one of :data:`KERNEL_MODES`."""
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernels={mode!r} is not allowed; expected one of {KERNEL_MODES}")
+
+
 def plan_for(fmt: WeightFormat, in_features: int, out_features: int, device: torch.device | str,
              dtype: torch.dtype, widen: bool = False, mode: str = "auto",
              routes: tuple[Route, ...] = ROUTES) -> Plan | None:
     """The first route of the table whose kernel takes this layer and works here; None = reference."""
-    if mode not in KERNEL_MODES:
-        raise ValueError(f"kernels={mode!r} is not allowed; expected one of {KERNEL_MODES}")
+    check_mode(mode)
+    if mode == "off":
+        return None
     device_type = torch.device(device).type
     for route in routes:
-        if route.device_type != device_type or route.dtype != dtype or mode == "off" or (
-                mode == "exact" and not route.exact):
+        if route.device_type != device_type or route.dtype != dtype or (mode == "exact" and not route.exact):
             continue
         kernel = KERNELS[route.kernel]
         lay = kernel.layout(fmt, in_features, out_features) if kernel.takes(fmt, widen) else None
