@@ -14,6 +14,7 @@ Words are stored as ``torch.int32`` (safetensors ``I32``) holding the unsigned 3
 from __future__ import annotations
 
 import math
+import sys
 from functools import lru_cache
 
 import torch
@@ -90,3 +91,51 @@ def unpack(words: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:
 def _to_int32(words: torch.Tensor) -> torch.Tensor:
     """Reinterpret unsigned 32-bit values held in int64 as int32 bit patterns."""
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _byte_layout(bits: int) -> tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """How codes sit in bytes: bytes per chunk, and per code its low byte/shift and high byte/shift.
+
+    A chunk is ``lcm(bits, 8)`` bits. A code that straddles two bytes takes its high bits from the
+    next byte.
+    """
+    chunk_bits = math.lcm(bits, 8)
+    nbytes = chunk_bits // 8
+    lo_byte, lo_shift, hi_byte, hi_shift = [], [], [], []
+    for start in range(0, chunk_bits, bits):
+        byte, offset = divmod(start, 8)
+        lo_byte.append(byte)
+        lo_shift.append(offset)
+        straddles = offset + bits > 8
+        hi_byte.append(byte + 1 if straddles else nbytes)  # nbytes: no high part
+        hi_shift.append(8 - offset if straddles else 0)
+    return nbytes, tuple(lo_byte), tuple(lo_shift), tuple(hi_byte), tuple(hi_shift)
+
+
+_BYTE_LAYOUTS = {bits: _byte_layout(bits) for bits in range(1, 9)}  # a constant table: dynamo traces no cache
+
+
+def unpack_bytes(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """All codes of packed rows (padding included); the same codes as :func:`unpack` (16-bit ones as ``int16`` bits).
+
+    Works on the words' little-endian bytes with ``uint8`` shifts: 1 byte of temporaries per code
+    instead of the 8-byte words of the generic unpacker.
+    """
+    if sys.byteorder == "little" and bits == 16:
+        return words.view(torch.int16)
+    if sys.byteorder != "little" or bits > 8:
+        return unpack(words, bits, words.shape[-1] * WORD_BITS // bits)
+    nbytes, lo_byte, lo_shift, hi_byte, hi_shift = _BYTE_LAYOUTS[bits]
+    rows = words.shape[0]
+    chunks = words.view(torch.uint8).reshape(rows, -1, nbytes)
+    mask = 2**bits - 1
+    if nbytes == 1:  # 2, 4, 8 bits: no code straddles a byte
+        shifts = torch.tensor(lo_shift, dtype=torch.uint8, device=words.device)
+        return ((chunks >> shifts) & mask).reshape(rows, -1)
+    codes = torch.empty(rows, chunks.shape[1], len(lo_byte), dtype=torch.uint8, device=words.device)
+    for j, (lo, lo_s, hi, hi_s) in enumerate(zip(lo_byte, lo_shift, hi_byte, hi_shift, strict=True)):
+        code = chunks[..., lo] >> lo_s
+        if hi < nbytes:
+            code = code | (chunks[..., hi] << hi_s)
+        codes[..., j] = code & mask
+    return codes.reshape(rows, -1)
