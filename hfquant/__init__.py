@@ -5,11 +5,13 @@
 ``from_pretrained(saved)`` reloads a saved one.
 """
 
-from hfquant.formats import WeightFormat
+from hfquant.formats import WeightFormat, format_names, make_format
 from hfquant.hf import HfQuantConfig, HfQuantQuantizer, register
 from hfquant.nn.qlinear import prepare_for_inference
+from hfquant.schemes import LayerScheme
 
 register()
 
-__version__ = "0.1.0"
-__all__ = ["HfQuantConfig", "HfQuantQuantizer", "WeightFormat", "__version__", "prepare_for_inference"]
+__version__ = "0.2.0"
+__all__ = ["HfQuantConfig", "HfQuantQuantizer", "LayerScheme", "WeightFormat", "__version__", "format_names",
+           "make_format", "prepare_for_inference"]

@@ -7,14 +7,12 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from hfquant.algorithms import get_method
 from hfquant.evaluation.results import EvalReport, model_index
 from hfquant.evaluation.report import markdown_table
+from hfquant.plan import ResolvedPlan
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "template.md"  # the repo's model_cards/
-_METHOD_SENTENCES = {
-    "rtn": "round-to-nearest weight quantization (no calibration data).",
-    "gptq": "GPTQ (second-order, calibrated on text; Frantar et al., 2022).",
-}
 
 
 def _template_text() -> str:
@@ -25,8 +23,10 @@ def render_card(quant_config: dict[str, Any], *, base_model: str | None, model_n
                 repo_or_path: str, storage: dict[str, Any] | None = None, report: EvalReport | None = None,
                 dataset_name: str = "brown") -> ModelCard:
     """A model card for a checkpoint saved with ``quantization_config`` = ``quant_config`` (its dict form)."""
-    bits, method = quant_config["bits"], quant_config["method"]
-    tags = ["hfquant", f"int{bits}", method, "quantized"]
+    method = get_method(quant_config["method"])
+    plan = ResolvedPlan.from_dict(quant_config["plan"]) if quant_config.get("plan") else None
+    formats = sorted({s.weight.format_name for s in plan.layers.values()}) if plan else []
+    tags = ["hfquant", *formats, method.name, "quantized"]
     data = ModelCardData(
         library_name="transformers",
         base_model=base_model,
@@ -37,21 +37,28 @@ def render_card(quant_config: dict[str, Any], *, base_model: str | None, model_n
     if report is not None and report.perplexity:
         data.model_index = model_index(report, model_name, dataset_name)
     config_rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in sorted(quant_config.items())
-                            if key != "calibration")
+                            if key not in ("calibration", "plan"))
     body = _template_text().format(
         model_name=model_name,
         base_model=base_model or "a transformers model",
-        method_sentence=_METHOD_SENTENCES.get(method, f"method `{method}`."),
+        method_sentence=method.description or f"method `{method.name}`.",
         config_rows=config_rows,
+        formats_section=_formats_section(plan),
         size_section=_size_section(storage),
         calibration_section=_calibration_section(quant_config.get("calibration")),
         evaluation_section=markdown_table([report]) if report and (report.perplexity or report.drift) else
         "Not evaluated when this card was written; run `hfquant eval` on this folder.",
         repo_or_path=repo_or_path,
-        bits=bits,
-        zero_sentence="(symmetric grid, no zero points)" if quant_config.get("sym") else "and uint8 zero points",
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def _formats_section(plan: ResolvedPlan | None) -> str:
+    if plan is None:
+        return "Not recorded."
+    schemes = {s.name: s for s in plan.layers.values()}
+    return "\n".join(f"- {count} layer(s): {schemes[name].weight.describe()}"
+                     for name, count in sorted(plan.counts().items()))
 
 
 def _size_section(storage: dict[str, Any] | None) -> str:

@@ -1,11 +1,30 @@
-"""Which layers get quantized: module-name rules, kept apart from the module surgery."""
+"""Which layer gets which scheme: module-name rules resolved once into an explicit per-layer plan.
+
+A :class:`QuantPlan` is a default scheme plus ordered rules ``pattern -> scheme or None``. Resolving
+it against a model's linear layers gives a :class:`ResolvedPlan`, ``{layer name: scheme}``, which
+is what ``config.json`` stores and what a reload uses as it is (no pattern is matched again).
+
+Precedence, per layer:
+
+1. a layer matched by ``modules_to_not_convert`` (as resolved by the quantizer: the user's list, or
+   by default the output embeddings and tied weights, plus the model's keep-in-fp32 modules) stays
+   in full precision;
+2. otherwise the *first* rule whose pattern matches decides: its scheme, or ``None`` = full precision;
+3. otherwise the default scheme.
+
+A rule whose pattern matches no linear layer at all is an error naming the rule, so a typo never
+silently leaves a rule unused.
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
-REGEX_PREFIX = "re:"
+from hfquant.schemes import LayerScheme, scheme_from_value
+from hfquant.validation import REGEX_PREFIX, require_pattern
 
 
 def name_matches(name: str, pattern: str) -> bool:
@@ -25,3 +44,86 @@ def name_matches(name: str, pattern: str) -> bool:
 def is_skipped(name: str, patterns: Iterable[str]) -> bool:
     """Whether any pattern keeps module ``name`` in full precision."""
     return any(name_matches(name, p) for p in patterns)
+
+
+def unmatched(patterns: Iterable[str], names: Iterable[str]) -> list[str]:
+    """The patterns that select none of ``names``."""
+    names = list(names)
+    return [p for p in patterns if not any(name_matches(n, p) for n in names)]
+
+
+@dataclass(frozen=True)
+class ResolvedPlan:
+    """The scheme of every quantized layer, by module name; layers not listed stay in full precision."""
+
+    layers: dict[str, LayerScheme]
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"schemes": {scheme name: scheme}, "layers": {layer: scheme name}}`` (compact for config.json)."""
+        schemes = {scheme.name: scheme.to_dict() for scheme in self.layers.values()}
+        return {"schemes": dict(sorted(schemes.items())),
+                "layers": {name: scheme.name for name, scheme in self.layers.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ResolvedPlan:
+        if not isinstance(data, dict) or set(data) != {"schemes", "layers"}:
+            raise ValueError(f"plan={data!r} is not allowed; expected {{'schemes': {{...}}, 'layers': {{...}}}}")
+        schemes = {}
+        for key, value in data["schemes"].items():
+            scheme = LayerScheme.from_dict(value)
+            if scheme.name != key:
+                raise ValueError(f"plan: scheme {key!r} describes {scheme.name!r}; the saved plan is inconsistent")
+            schemes[key] = scheme
+        missing = sorted({s for s in data["layers"].values() if s not in schemes})
+        if missing:
+            raise ValueError(f"plan: layers refer to undeclared schemes {missing}")
+        return cls({layer: schemes[s] for layer, s in data["layers"].items()})
+
+    def counts(self) -> dict[str, int]:
+        """Layers per scheme name."""
+        counts: dict[str, int] = {}
+        for scheme in self.layers.values():
+            counts[scheme.name] = counts.get(scheme.name, 0) + 1
+        return counts
+
+    def table(self) -> str:
+        """A Markdown table of every quantized layer and its scheme."""
+        rows = "\n".join(f"| `{name}` | `{scheme.name}` |" for name, scheme in self.layers.items())
+        return f"| layer | scheme |\n|---|---|\n{rows}"
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """A default scheme and ordered ``(pattern, scheme or None)`` rules; see the module docstring."""
+
+    default: LayerScheme
+    rules: tuple[tuple[str, LayerScheme | None], ...] = field(default=())
+
+    def resolve(self, layer_names: Iterable[str], skip: Iterable[str] = ()) -> ResolvedPlan:
+        """The scheme of each of ``layer_names`` (in order) that is not skipped and not kept float by a rule."""
+        names, skip = list(layer_names), list(skip)
+        unused = unmatched([pattern for pattern, _ in self.rules], names)
+        if unused:
+            raise ValueError(f"rules: pattern(s) {unused} match no linear layer of this model; allowed: dotted "
+                             "module names or 're:<regex>' full matches (e.g. 'mlp.down_proj', 're:.*\\.0\\..*')")
+        layers = {}
+        for name in names:
+            if is_skipped(name, skip):
+                continue
+            scheme = next((s for pattern, s in self.rules if name_matches(name, pattern)), self.default)
+            if scheme is not None:
+                layers[name] = scheme
+        return ResolvedPlan(layers)
+
+    def rules_dict(self) -> dict[str, Any]:
+        """The rules as the config takes them (for saving the request next to the resolved plan)."""
+        return {pattern: None if s is None else s.weight.to_dict() for pattern, s in self.rules}
+
+
+def plan_from_rules(default: LayerScheme, rules: Mapping[str, Any] | None) -> QuantPlan:
+    """A plan from the config's ``rules``: ``{pattern: format name | dict of format fields | None}``."""
+    parsed = []
+    for pattern, value in (rules or {}).items():
+        require_pattern("rules", pattern)
+        parsed.append((pattern, None if value is None else scheme_from_value(value, f"rules[{pattern!r}]")))
+    return QuantPlan(default, tuple(parsed))

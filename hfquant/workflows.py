@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from hfquant.algorithms import get_method
 from hfquant.bundled import bundled_model_path
 from hfquant.calibration.data import load_text
 from hfquant.evaluation import (
@@ -22,11 +22,11 @@ from hfquant.evaluation import (
     plot_ppl_vs_size,
     tokenize_corpus,
 )
+from hfquant.formats import parse_spec as parse_format_spec
 from hfquant.hf.config import HfQuantConfig
 from hfquant.stats import storage_stats
 
 PROTOCOLS = ("gptq", "strided")
-_SPEC = re.compile(r"(?:(?P<method>[a-z]+):)?int(?P<bits>\d+)(?:-g(?P<group>\d+|c))?(?:-(?P<sym>sym|asym))?")
 
 
 def resolve_model(model: str | None) -> str:
@@ -35,20 +35,15 @@ def resolve_model(model: str | None) -> str:
 
 
 def parse_spec(spec: str) -> dict[str, Any]:
-    """``"int4-g128"``, ``"int8"``, ``"int3-gc-sym"``, ``"gptq:int4-g128"`` → HfQuantConfig keyword arguments."""
-    match = _SPEC.fullmatch(spec.strip())
-    if match is None:
-        raise ValueError(f"config spec {spec!r} is not understood; expected e.g. 'int8', 'int4-g128', "
-                         "'int3-gc-sym' (gc = per channel) or 'gptq:int4-g128'")
-    kwargs: dict[str, Any] = {"bits": int(match["bits"])}
-    if match["group"]:
-        kwargs["group_size"] = -1 if match["group"] == "c" else int(match["group"])
-    elif kwargs["bits"] == 8:
-        kwargs["group_size"] = -1
-    if match["sym"]:
-        kwargs["sym"] = match["sym"] == "sym"
-    if match["method"]:
-        kwargs["method"] = match["method"]
+    """``"[method:]format-spec"`` → HfQuantConfig keyword arguments, from the method and format registries.
+
+    E.g. ``"int8"``, ``"int4-g128"``, ``"int3-gc-sym"`` (gc = per channel), ``"nf4-g64"``, ``"ternary"``,
+    ``"gptq:int4-g128"``; see :func:`hfquant.formats.parse_spec` for the format part.
+    """
+    method, _, fmt = spec.strip().rpartition(":")
+    kwargs: dict[str, Any] = {"format": parse_format_spec(fmt).to_dict()}
+    if method:
+        kwargs["method"] = get_method(method).name
     return kwargs
 
 

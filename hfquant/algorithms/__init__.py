@@ -1,9 +1,16 @@
 """Quantization methods, registered by name.
 
 A method is one module in this package that calls :func:`register_method` with a :class:`Method`:
-its name, whether it needs calibration data, and a dataclass of its own options (the keyword
-arguments of :class:`hfquant.HfQuantConfig` beyond the format fields). The config validates its
-options against that dataclass, so a new method is one file plus one registration.
+its name, whether it needs calibration data, a dataclass of its own options (the keyword
+arguments of :class:`hfquant.HfQuantConfig` beyond the format fields), and the paths it owns:
+
+* ``quantize(weight, fmt, options)``: the data-free path. Uncalibrated methods run it on every
+  weight while the checkpoint streams in; calibrated methods run it on layers outside the decoder
+  blocks (no block inputs to calibrate on there).
+* ``solver(options, formats)``, calibrated methods only: a layer-wise solver for the sequential
+  engine (:mod:`hfquant.calibration.pipeline`), given each target layer's format.
+
+The config validates options against the dataclass, so a new method is one file plus one registration.
 """
 
 from __future__ import annotations
@@ -13,6 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from hfquant.formats import QuantizedWeight, WeightFormat
+
 
 @dataclass(frozen=True)
 class Method:
@@ -21,7 +32,9 @@ class Method:
     name: str
     calibrated: bool  # needs calibration data, runs after the weights are loaded
     options: type  # a dataclass of method-specific keyword options with defaults
-    solver: Callable[..., Any] | None = None  # (WeightFormat, options) -> LayerwiseSolver, calibrated methods
+    quantize: Callable[[torch.Tensor, WeightFormat, Any], QuantizedWeight]  # the data-free path
+    solver: Callable[[Any, dict[str, WeightFormat]], Any] | None = None  # calibrated methods: a LayerwiseSolver
+    description: str = ""  # one sentence for model cards
 
     def parse_options(self, given: dict[str, Any]) -> Any:
         """Build the options dataclass, rejecting names the method does not know."""
@@ -45,8 +58,8 @@ def register_method(method: Method) -> Method:
 
 
 def get_method(name: str) -> Method:
-    if name not in _METHODS:
-        raise ValueError(f"method={name!r} is not known; allowed: {sorted(_METHODS)}")
+    if not isinstance(name, str) or name not in _METHODS:
+        raise ValueError(f"method={name!r} is not allowed; expected one of {sorted(_METHODS)}")
     return _METHODS[name]
 
 

@@ -8,21 +8,26 @@ respect to each row of ``W`` is ``H = 2 X Xᵀ`` (averaged over samples here). T
 * :class:`HessianAccumulator` sums ``H`` over calibration batches (the only part that sees data);
 * :func:`gptq_quantize` solves for the codes given ``W`` and ``H`` — a pure function of tensors.
 
-Grids are the ones of :mod:`hfquant.quantize`: every scale/zero point comes from
-:func:`~hfquant.quantize.qparams` (already rounded to float16), and the error fed back is the one of
-the stored grid, so ``QuantizedWeight.dequantize()`` returns exactly the weights GPTQ optimised for.
+Grids and rounding are the layer format's own (:mod:`hfquant.formats`): every group's parameters
+come from ``fmt.choose_params`` (already representable in their stored dtypes), each column is
+rounded with ``fmt.round``, and the error fed back is the one of ``fmt.dequantize``, so
+``QuantizedWeight.dequantize()`` returns exactly the weights GPTQ optimised for. So GPTQ works for
+every format whose rounding is element by element given the group's parameters (integer, ternary,
+binary, FP8, NF4/FP4; trivially fp16/bf16).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from hfquant.algorithms import Method, register_method
-from hfquant.formats import SCALE_DTYPE, ZERO_DTYPE, WeightFormat
-from hfquant.quantize import QuantizedWeight, group_columns, qparams, quantize_with
+from hfquant.formats import QuantizedWeight, WeightFormat
+from hfquant.formats.base import Params, check_weight
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,7 @@ class GPTQOptions:
             ``act_order``. With ``act_order`` it must be on: the packed format has no per-column
             group index, so groups must stay contiguous in the original column order.
         mse_clip: shrink each group's range to minimise the 2.4-norm of its rounding error
-            (see :func:`clipped_qparams`) instead of using the full min/max range.
+            (see :func:`clipped_params`) instead of using the full min/max range.
     """
 
     damp_percent: float = 0.01
@@ -89,45 +94,39 @@ class HessianAccumulator:
         self.hessian += x.T @ x
 
 
-def clipped_qparams(w: torch.Tensor, fmt: WeightFormat, norm: float = 2.4, grid: int = 100,
-                    maxshrink: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like :func:`qparams`, but each row's range is shrunk by the factor in
+def clipped_params(w: torch.Tensor, fmt: WeightFormat, norm: float = 2.4, grid: int = 100,
+                   maxshrink: float = 0.8) -> Params:
+    """Like ``fmt.choose_params``, but each row's range is shrunk by the factor in
     ``1, 1 - 1/grid, ..., 1 - maxshrink`` that minimises ``Σ |w - ŵ|^norm`` over the row.
 
-    Shrinking by ``p`` means ``qparams`` of the range ``[p·min, p·max]`` (``p·absmax`` when
-    symmetric); ``p = 1`` is plain ``qparams``, so the error never exceeds it.
+    Shrinking by ``p`` is ``fmt.choose_params(w, clip=p)``; ``p = 1`` is the plain grid, so the
+    error never exceeds it.
     """
     w = w.float()
-    lo = w.amin(dim=1).clamp(max=0)
-    hi = w.amax(dim=1).clamp(min=0)
-    best_scale, best_zero = qparams(w, fmt)
-    best_err = _norm_error(w, best_scale, best_zero, fmt, norm)
+    best = fmt.choose_params(w)
+    best_err = _norm_error(w, best, fmt, norm)
     for i in range(1, int(maxshrink * grid)):
-        p = 1 - i / grid
-        scale, zero = qparams(torch.stack([p * lo, p * hi], dim=1), fmt)
-        err = _norm_error(w, scale, zero, fmt, norm)
+        params = fmt.choose_params(w, clip=1 - i / grid)
+        err = _norm_error(w, params, fmt, norm)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
+        best = {k: torch.where(better, params[k], best[k]) for k in best}
+    return best
 
 
-def _norm_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: WeightFormat,
-                norm: float) -> torch.Tensor:
-    q = (quantize_with(w, scale[:, None], zero[:, None], fmt) - zero[:, None]) * scale[:, None]
-    return (q - w).abs().pow(norm).sum(dim=1)
+def _norm_error(w: torch.Tensor, params: Params, fmt: WeightFormat, norm: float) -> torch.Tensor:
+    grid = {k: v[:, None] for k, v in params.items()}
+    return (fmt.dequantize(fmt.round(w, grid), grid, torch.float32) - w).abs().pow(norm).sum(dim=1)
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat,
                   options: GPTQOptions = GPTQOptions()) -> QuantizedWeight:
     """Quantize a ``(out, in)`` weight with GPTQ given the ``(in, in)`` Hessian of its inputs.
 
-    Runs in float32 on ``weight``'s device. Codes, scales and zero points are returned in the
-    original column order, with groups of ``fmt.group_size`` contiguous original columns.
+    Runs in float32 on ``weight``'s device. Codes and parameters are returned in the original
+    column order, with groups of ``fmt.group_size`` contiguous original columns.
     """
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    check_weight(weight)
     rows, columns = weight.shape
     if hessian.shape != (columns, columns):
         raise ValueError(f"hessian has shape {tuple(hessian.shape)}; weight {tuple(weight.shape)} "
@@ -136,26 +135,30 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat
     H = hessian.detach().to(device=W.device, dtype=torch.float32).clone()
     if not torch.isfinite(H).all():
         raise ValueError("hessian has non-finite entries (inf/NaN in the calibration activations?)")
-    find_params = clipped_qparams if options.mse_clip else qparams
+    find_params = _param_finder(fmt, options)
 
     dead = torch.diag(H) == 0  # inputs that are always zero: their weights do not matter
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    groups = group_columns(columns, fmt)
+    groups = fmt.group_columns(columns)
     width = fmt.group_width(columns)
-    scale = torch.zeros(rows, len(groups), device=W.device)
-    zero = torch.zeros(rows, len(groups), device=W.device)
+    params = {k: torch.zeros(rows, len(groups), device=W.device) for k in fmt.param_dtypes}
+
+    def enter_group(g: int, w: torch.Tensor) -> None:
+        for k, v in find_params(w).items():
+            params[k][:, g] = v
+
     if options.uses_static_groups:
         for g, cols in enumerate(groups):
-            scale[:, g], zero[:, g] = find_params(W[:, cols], fmt)
+            enter_group(g, W[:, cols])
 
     perm = torch.argsort(torch.diag(H), descending=True) if options.act_order else torch.arange(columns, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
     group_of = (perm // width).tolist()  # group of each (processed) column
 
     Hinv = _upper_cholesky_of_inverse(H, options.damp_percent)
-    codes = torch.zeros_like(W)
+    codes = torch.zeros(rows, columns, dtype=torch.int32, device=W.device)
     for b0 in range(0, columns, options.block_size):
         b1 = min(b0 + options.block_size, columns)
         Wb = W[:, b0:b1].clone()  # this block, kept fully updated
@@ -165,23 +168,28 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat
             g = group_of[c]
             if not options.uses_static_groups and c % width == 0:  # no act_order here: c is original
                 end = min(c + width, columns)
-                current = torch.cat([Wb[:, j:end - b0], W[:, b1:end] - Err[:, :j] @ Hinv[b0:c, b1:end]], dim=1)
-                scale[:, g], zero[:, g] = find_params(current, fmt)
+                enter_group(g, torch.cat([Wb[:, j:end - b0], W[:, b1:end] - Err[:, :j] @ Hinv[b0:c, b1:end]], dim=1))
             w = Wb[:, j]
-            code = quantize_with(w, scale[:, g], zero[:, g], fmt)
-            codes[:, c] = code
-            err = (w - (code - zero[:, g]) * scale[:, g]) / Hinv[c, c]
+            column_params = {k: v[:, g] for k, v in params.items()}
+            code = fmt.round(w, column_params)
+            codes[:, c] = code.to(torch.int32)
+            err = (w - fmt.dequantize(code, column_params, torch.float32)) / Hinv[c, c]
             Wb[:, j:] -= err[:, None] * Hinv[c, c:b1][None, :]
             Err[:, j] = err
         W[:, b1:] -= Err @ Hinv[b0:b1, b1:]
 
     codes = codes[:, torch.argsort(perm)]
-    return QuantizedWeight(
-        codes=codes.to(torch.uint8),
-        scale=scale.to(SCALE_DTYPE),
-        zero=None if fmt.sym else zero.to(ZERO_DTYPE),
-        fmt=fmt,
-    )
+    return QuantizedWeight(codes=codes, params={k: v.to(fmt.param_dtypes[k]) for k, v in params.items()}, fmt=fmt)
+
+
+def _param_finder(fmt: WeightFormat, options: GPTQOptions) -> Callable[[torch.Tensor], Params]:
+    """How a group's grid is chosen: the format's own rule, or the ``mse_clip`` range search."""
+    return partial(clipped_params, fmt=fmt) if options.mse_clip else fmt.choose_params
+
+
+def gptq_fallback(weight: torch.Tensor, fmt: WeightFormat, options: GPTQOptions) -> QuantizedWeight:
+    """Layers GPTQ has no calibration inputs for: round to nearest on GPTQ's grid rule."""
+    return fmt.quantize(weight, _param_finder(fmt, options))
 
 
 def _upper_cholesky_of_inverse(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
@@ -205,8 +213,8 @@ def layer_reconstruction_error(weight: torch.Tensor, dequantized: torch.Tensor, 
 class GPTQSolver:
     """GPTQ as a layer-wise solver for the sequential calibration engine: one Hessian per layer."""
 
-    def __init__(self, fmt: WeightFormat, options: GPTQOptions) -> None:
-        self.fmt = fmt
+    def __init__(self, options: GPTQOptions, formats: dict[str, WeightFormat]) -> None:
+        self.formats = formats
         self.options = options
         self.hessians: dict[str, HessianAccumulator] = {}
 
@@ -217,7 +225,9 @@ class GPTQSolver:
 
     def solve(self, name: str, weight: torch.Tensor) -> QuantizedWeight:
         hessian = self.hessians.pop(name).hessian
-        return gptq_quantize(weight.to(hessian.device), hessian, self.fmt, self.options)
+        return gptq_quantize(weight.to(hessian.device), hessian, self.formats[name], self.options)
 
 
-GPTQ = register_method(Method(name="gptq", calibrated=True, options=GPTQOptions, solver=GPTQSolver))
+GPTQ = register_method(Method(name="gptq", calibrated=True, options=GPTQOptions, quantize=gptq_fallback,
+                              solver=GPTQSolver,
+                              description="GPTQ (second-order, calibrated on text; Frantar et al., 2022)."))

@@ -24,7 +24,7 @@ from accelerate.utils import align_module_device
 from torch import nn
 from tqdm.auto import tqdm
 
-from hfquant.quantize import QuantizedWeight
+from hfquant.formats import QuantizedWeight
 
 
 class LayerwiseSolver(Protocol):

@@ -8,6 +8,9 @@ parameters it stores (``param_dtypes``), and three element-wise functions of ten
 * :meth:`WeightFormat.round` — codes of weights on a given grid;
 * :meth:`WeightFormat.dequantize` — weights from codes and parameters, in a dtype.
 
+A format whose decoding is affine in the code also defines ``affine(params) -> (scale, zero)``
+(``w = (q - zero) · scale``); the integer kernels of :mod:`hfquant.nn.kernels` take exactly those.
+
 Everything else is derived here, once for all formats: the stored tensors of a layer
 (:meth:`specs`, so the module, the checkpoint check and the size accounting read one table),
 round-to-nearest quantization (:meth:`quantize`), decoding of stored tensors (:meth:`decode`),
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -172,14 +175,19 @@ class WeightFormat:
         """Bits a layer of this shape stores (codes with padding, and every parameter)."""
         return sum(spec.bits for spec in self.specs(out_features, in_features).values())
 
-    def quantize(self, w: torch.Tensor) -> QuantizedWeight:
-        """Round-to-nearest quantization of an ``(out, in)`` weight."""
+    def quantize(self, w: torch.Tensor,
+                 choose_params: Callable[[torch.Tensor], Params] | None = None) -> QuantizedWeight:
+        """Round-to-nearest quantization of an ``(out, in)`` weight.
+
+        ``choose_params`` replaces :meth:`choose_params` for picking each group's grid (e.g. a range search).
+        """
         check_weight(w)
         w = w.detach().float()
+        choose = choose_params or self.choose_params
         params: dict[str, list[torch.Tensor]] = {p: [] for p in self.param_dtypes}
         codes = []
         for cols in self.group_columns(w.shape[1]):
-            group = self.choose_params(w[:, cols])
+            group = choose(w[:, cols])
             codes.append(self.round(w[:, cols], {k: v[:, None] for k, v in group.items()}))
             for k, v in group.items():
                 params[k].append(v)
@@ -203,7 +211,7 @@ class WeightFormat:
         groups, width = self.num_groups(in_features), self.group_width(in_features)
         span = groups * width  # the last group padded to full width
         codes = codes[:, :span] if codes.shape[1] >= span else torch.nn.functional.pad(codes, (0, span - codes.shape[1]))
-        params = {p: stored[f"weight_{p}"].unsqueeze(-1) for p in self.param_dtypes}
+        params = {k: v.unsqueeze(-1) for k, v in self.stored_params(stored).items()}
         weight = self.dequantize(codes.reshape(rows, groups, width), params, dtype)
         return weight.reshape(rows, span)[:, :in_features]
 
@@ -219,7 +227,11 @@ class WeightFormat:
                         f"format {self.name} stores {str(spec.dtype).removeprefix('torch.')} {spec.shape}")
         if tensor_is_meta(stored["weight"]):
             return None
-        return self.check_params({p: stored[f"weight_{p}"] for p in self.param_dtypes})
+        return self.check_params(self.stored_params(stored))
+
+    def stored_params(self, stored: Mapping[str, torch.Tensor]) -> Params:
+        """``{param: (out, groups) tensor}`` out of a layer's stored tensors."""
+        return {p: stored[f"weight_{p}"] for p in self.param_dtypes}
 
     def to_dict(self) -> dict[str, Any]:
         """``{"format": name, **fields}``: what :func:`hfquant.formats.make_format` takes back."""

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
-
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
@@ -12,8 +10,8 @@ from hfquant.algorithms import get_method
 from hfquant.calibration.data import calibration_batches, describe_source
 from hfquant.calibration.pipeline import quantize_sequentially
 from hfquant.hf.config import HfQuantConfig
-from hfquant.hf.integration import float_weight, quantizable_layers, quantize_layer_in_place
-from hfquant.quantize import quantize
+from hfquant.formats import QuantizedWeight
+from hfquant.hf.integration import check_finite_weights, float_weight, quantize_layer_in_place
 
 logger = logging.getLogger(__name__)
 
@@ -39,19 +37,23 @@ def calibration_tokens(model: PreTrainedModel, config: HfQuantConfig) -> torch.T
 
 
 def calibrate_and_quantize(model: PreTrainedModel, config: HfQuantConfig, batch_size: int = 8) -> None:
-    """Quantize every convertible linear layer of ``model`` in place with the config's calibrated method."""
+    """Quantize every layer of the config's resolved plan in place with its calibrated method."""
+    layers = config.plan.layers
+    check_finite_weights(model, list(layers))
     tokens = calibration_tokens(model, config)
-    solver = get_method(config.method).solver(config.weight_format, config.options)
-    targets = dict(quantizable_layers(model, config.modules_to_not_convert))
-    fmt = config.weight_format
+    method = get_method(config.method)
+    solver = method.solver(config.options, {name: scheme.weight for name, scheme in layers.items()})
+    targets = {name: model.get_submodule(name) for name in layers}
 
-    def replace(name: str, quantized: Any) -> None:
-        quantize_layer_in_place(model, name, quantized)
+    def replace(name: str, quantized: QuantizedWeight) -> None:
+        quantize_layer_in_place(model, name, quantized, layers[name])
 
     done = quantize_sequentially(model, list(tokens.split(batch_size)), targets, solver, float_weight, replace)
-    for name in sorted(set(targets) - set(done)):  # outside the decoder blocks: no block inputs to calibrate on
-        logger.info("hfquant: %s is outside the decoder blocks; quantizing it with round-to-nearest", name)
-        quantize_layer_in_place(model, name, quantize(float_weight(model.get_submodule(name)).detach().float(), fmt))
+    for name in [n for n in layers if n not in set(done)]:  # outside the decoder blocks: no block inputs
+        logger.info("hfquant: %s is outside the decoder blocks; quantizing it with %s's data-free path",
+                    name, method.name)
+        weight = float_weight(model.get_submodule(name)).detach().float()
+        replace(name, method.quantize(weight, layers[name].weight, config.options))
     config.calibration = {
         "dataset": "tensor" if isinstance(config.dataset, torch.Tensor) else describe_source(config.dataset),
         "num_samples": int(tokens.shape[0]),

@@ -1,58 +1,83 @@
 """``HfQuantConfig``: what the user asks for, validated when it is built.
 
 Fields that only matter while quantizing (the calibration data itself) never reach
-``config.json``; what was used is recorded as provenance in ``calibration`` instead.
+``config.json``; what was used is recorded as provenance in ``calibration`` instead. What a saved
+checkpoint holds is the *resolved* plan (every quantized layer and its scheme), so a reload never
+depends on pattern matching or defaults.
+
+Saved form (``format_version`` 2)::
+
+    {"quant_method": "hfquant", "format_version": 2,
+     "format": "int4", "group_size": 128, "sym": false,      # the default scheme's format fields
+     "rules": {...} | null, "method": "gptq", "gptq": {...},  # method options under the method's key
+     "modules_to_not_convert": [...], "plan": {"schemes": {...}, "layers": {...}}, ...}
+
+Version 1 (hfquant 0.1: ``bits``/``group_size``/``sym`` and flat method options, no plan) still
+loads: its plan is resolved from its saved ``modules_to_not_convert``, its format is integer affine.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from hfquant.algorithms import get_method
-from hfquant.formats import SUPPORTED_BITS, WeightFormat
+from hfquant.formats import FORMAT_FIELD
+from hfquant.formats.affine import BITS
+from hfquant.formats.base import FORMAT_NAMES
 from hfquant.nn.kernels import check_mode
+from hfquant.plan import QuantPlan, ResolvedPlan, plan_from_rules
+from hfquant.schemes import LayerScheme, scheme_from_value
+from hfquant.validation import require_choice, require_int, require_pattern
 
 QUANT_METHOD = "hfquant"
-FORMAT_VERSION = 1
-_LOAD_TIME_ONLY = ("dataset", "tokenizer", "kernels")
-
-
-def _require_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} is not allowed; expected an integer >= {minimum}")
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+DEFAULT_FORMAT = "int4"
+_CALIBRATION_FIELDS = ("num_samples", "seqlen", "seed", "calibration")
 
 
 class HfQuantConfig(QuantizationConfigMixin):
     """Quantization settings for ``from_pretrained(..., quantization_config=HfQuantConfig(...))``.
 
     Args:
-        bits: code width of the weights, one of 2, 3, 4, 8.
-        group_size: input columns sharing one scale; -1 = one scale per output channel.
-        sym: symmetric grid; ``None`` picks symmetric at 8 bits and asymmetric below.
-        method: ``"rtn"`` (round-to-nearest while loading, no data) or ``"gptq"`` (calibrated).
+        format: the default weight format, a registered name (``int8``, ``int4``, ``int3``,
+            ``int2``, ``ternary``, ``binary``, ``fp8`` = ``fp8-e4m3``, ``fp8-e5m2``, ``nf4``, ``fp4``,
+            ``fp16``, ``bf16``; see :func:`hfquant.formats.format_names`); default ``int4``.
+        bits: shorthand for ``format=f"int{bits}"`` (2, 3, 4, 8).
+        group_size: input columns sharing one scale; -1 = one per output channel; ``None`` = the
+            format's default (128 for int4/3/2, per channel for int8 and fp8, 64 for nf4/fp4).
+        sym: integer formats: symmetric grid; ``None`` = symmetric at 8 bits, asymmetric below.
+        rules: ordered ``{pattern: format name | dict of format fields | None}``: per-layer schemes;
+            the first matching rule wins, ``None`` keeps the layer in full precision (see
+            :mod:`hfquant.plan` for the precedence). A pattern matching no layer is an error.
+        method: a registered method: ``"rtn"`` (round-to-nearest while loading, no data) or
+            ``"gptq"`` (calibrated).
         modules_to_not_convert: modules kept in full precision, as dotted-name patterns
-            (see :func:`hfquant.plan.name_matches`; ``"re:<regex>"`` for a full-match regex).
-            ``None`` keeps the output embeddings (``lm_head``) and tied weights in full precision.
+            (``"re:<regex>"`` for a full-match regex). ``None`` keeps the output embeddings
+            (``lm_head``) and tied weights in full precision; an explicit list replaces that default.
         dataset: calibration text (calibrated methods only; see
             :func:`hfquant.calibration.data.load_text`), or int64 token ids ``(num_samples, seqlen)``;
             ``None`` = the bundled corpus. Never saved.
         tokenizer: tokenizer (or its path) for the calibration text; default: the model's own. Never saved.
         num_samples, seqlen, seed: how calibration batches are drawn (calibrated methods only).
         kernels: which matmul kernels the loaded model may use (:mod:`hfquant.nn.kernels`):
-            ``"auto"`` the fastest (float32 activations may compute in bfloat16 inside a kernel),
-            ``"exact"`` only kernels computing in the activation dtype, ``"off"`` the dequantize +
-            matmul reference path only. Never saved; for a reloaded model call
+            ``"auto"``, ``"exact"`` or ``"off"``. Never saved; for a reloaded model call
             :func:`hfquant.prepare_for_inference`.
-        **options: method-specific options (see the method's options dataclass).
+        plan: the resolved per-layer plan; filled in when a model is quantized, read back on reload.
+        **options: fields of the default format beyond the above (e.g. ``scale_rule`` of ternary),
+            then method-specific options (see the method's options dataclass).
     """
 
     def __init__(
         self,
-        bits: int = 4,
-        group_size: int = 128,
+        format: str | dict[str, Any] | None = None,  # noqa: A002  (the user-facing name)
+        bits: int | None = None,
+        group_size: int | None = None,
         sym: bool | None = None,
+        rules: dict[str, Any] | None = None,
         method: str = "rtn",
         modules_to_not_convert: list[str] | None = None,
         dataset: Any = None,
@@ -61,6 +86,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         seqlen: int = 2048,
         seed: int = 0,
         kernels: str = "auto",
+        plan: dict[str, Any] | None = None,
         calibration: dict[str, Any] | None = None,
         base_model: str | None = None,
         format_version: int = FORMAT_VERSION,
@@ -69,62 +95,98 @@ class HfQuantConfig(QuantizationConfigMixin):
     ) -> None:
         if quant_method != QUANT_METHOD:
             raise ValueError(f"quant_method={quant_method!r} is not allowed; HfQuantConfig is {QUANT_METHOD!r}")
-        if format_version != FORMAT_VERSION:
+        if isinstance(format_version, bool) or format_version not in READABLE_VERSIONS:
             raise ValueError(f"format_version={format_version!r} is not supported by this hfquant; "
-                             f"allowed: {FORMAT_VERSION} (upgrade hfquant to load newer checkpoints)")
-        if sym is not None and not isinstance(sym, bool):
-            raise ValueError(f"sym={sym!r} is not allowed; expected True, False or None (auto)")
-        if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits={bits!r} is not allowed; expected one of {SUPPORTED_BITS}")
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size < 1 and group_size != -1):
-            raise ValueError(f"group_size={group_size!r} is not allowed; expected -1 (per channel) or an integer >= 1")
-        if modules_to_not_convert is not None and (
-            not isinstance(modules_to_not_convert, (list, tuple))
-            or not all(isinstance(m, str) and m for m in modules_to_not_convert)
-        ):
-            raise ValueError(f"modules_to_not_convert={modules_to_not_convert!r} is not allowed; "
-                             "expected None or a list of non-empty module names/patterns")
-        check_mode(kernels)
-        if not isinstance(method, str):
-            raise ValueError(f"method={method!r} is not allowed; expected a method name string")
+                             f"allowed: {READABLE_VERSIONS} (upgrade hfquant to load newer checkpoints)")
         self.quant_method = quant_method
-        self.format_version = format_version
-        self.bits = bits
-        self.group_size = group_size
-        self.sym = bits == 8 if sym is None else sym
-        self.method = method
-        self.options = get_method(method).parse_options(options)
-        self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
-        _require_int("num_samples", num_samples, 1)
-        _require_int("seqlen", seqlen, 2)
-        _require_int("seed", seed, 0)
-        self.num_samples = num_samples
-        self.seqlen = seqlen
-        self.seed = seed
+        self.format_version = FORMAT_VERSION  # a version-1 checkpoint has the same tensors; it re-saves as 2
+        self.method = get_method(method).name
+        format_fields, method_options = self._split_options(format, bits, options)
+        self.default_scheme = _default_scheme(format, bits, group_size, sym, format_fields)
+        self.rules = _normalise_rules(rules)
+        self.quant_plan: QuantPlan = plan_from_rules(self.default_scheme, self.rules)
+        self.plan = None if plan is None else ResolvedPlan.from_dict(plan)
+        self.options = get_method(method).parse_options(method_options)
+        if modules_to_not_convert is not None:
+            if not isinstance(modules_to_not_convert, (list, tuple)):
+                raise ValueError(f"modules_to_not_convert={modules_to_not_convert!r} is not allowed; "
+                                 "expected None or a list of module names/patterns")
+            modules_to_not_convert = [require_pattern("modules_to_not_convert", m) for m in modules_to_not_convert]
+        self.modules_to_not_convert = modules_to_not_convert
+        self.num_samples = require_int("num_samples", num_samples, 1)
+        self.seqlen = require_int("seqlen", seqlen, 2)
+        self.seed = require_int("seed", seed, 0)
         if dataset is not None and not self.calibrated:
             raise ValueError(f"dataset={dataset!r} was given but method={method!r} uses no calibration data")
         self.dataset = dataset
         self.tokenizer = tokenizer
+        check_mode(kernels)
         self.kernels = kernels
         self.calibration = calibration  # provenance, filled in when a calibrated method ran
         self.base_model = base_model  # provenance, filled in when the model was quantized
+
+    def _split_options(self, format: Any, bits: Any, options: dict[str, Any]) -> tuple[dict, dict]:  # noqa: A002
+        """Keyword options -> (fields of the default format, method options); a saved method key is unpacked."""
+        options = dict(options)
+        saved = options.pop(self.method, None)
+        if saved is not None:
+            if not isinstance(saved, dict):
+                raise ValueError(f"{self.method}={saved!r} is not allowed; expected a dict of {self.method} options")
+            options = {**saved, **options}
+        name = format.get(FORMAT_FIELD) if isinstance(format, dict) else format
+        entry = FORMAT_NAMES.get(name if name is not None or bits is not None else DEFAULT_FORMAT)
+        fields = {f.name for f in dataclasses.fields(entry.cls)} if entry else set()
+        return ({k: v for k, v in options.items() if k in fields},
+                {k: v for k, v in options.items() if k not in fields})
 
     @property
     def calibrated(self) -> bool:
         return get_method(self.method).calibrated
 
     @property
-    def weight_format(self) -> WeightFormat:
-        return WeightFormat(bits=self.bits, group_size=self.group_size, sym=self.sym)
+    def weight_format(self):  # noqa: ANN201  (WeightFormat)
+        """The default scheme's weight format."""
+        return self.default_scheme.weight
 
     def to_dict(self) -> dict[str, Any]:
-        """What lands in ``config.json``: no calibration data, options flattened."""
-        out = {k: v for k, v in self.__dict__.items() if k not in _LOAD_TIME_ONLY and k != "options"}
-        out.update(vars(self.options))
-        if not self.calibrated:
-            for key in ("num_samples", "seqlen", "seed", "calibration"):
-                out.pop(key)
+        """What lands in ``config.json``: no calibration data; method options under the method's name."""
+        out: dict[str, Any] = {"quant_method": self.quant_method, "format_version": self.format_version,
+                               **self.default_scheme.weight.to_dict(), "rules": self.rules, "method": self.method}
+        method_options = dataclasses.asdict(self.options)
+        if method_options:
+            out[self.method] = method_options
+        out.update(modules_to_not_convert=self.modules_to_not_convert,
+                   plan=None if self.plan is None else self.plan.to_dict(), base_model=self.base_model)
+        if self.calibrated:
+            out.update({key: getattr(self, key) for key in _CALIBRATION_FIELDS})
         return out
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
+
+
+def _default_scheme(format: Any, bits: Any, group_size: Any, sym: Any,  # noqa: A002
+                    fields: dict[str, Any]) -> LayerScheme:
+    """The default scheme from ``format`` (name or dict) or the ``bits`` shorthand, plus top-level fields."""
+    if bits is not None:
+        if format is not None:
+            raise ValueError(f"bits={bits!r} and format={format!r} were both given; allowed: one of them "
+                             "(bits=N is shorthand for format='intN')")
+        format = f"int{require_choice('bits', require_int('bits', bits, 0), BITS)}"
+    value = dict(format) if isinstance(format, dict) else {FORMAT_FIELD: format or DEFAULT_FORMAT}
+    for key, given in (("group_size", group_size), ("sym", sym), *fields.items()):
+        if given is not None:
+            value[key] = given
+    return scheme_from_value(value, "format")
+
+
+def _normalise_rules(rules: Any) -> dict[str, Any] | None:
+    """Rules as an ordered dict (a list of ``[pattern, value]`` pairs is accepted too)."""
+    if rules is None:
+        return None
+    if isinstance(rules, (list, tuple)) and all(isinstance(r, (list, tuple)) and len(r) == 2 for r in rules):
+        rules = dict(rules)
+    if not isinstance(rules, dict):
+        raise ValueError(f"rules={rules!r} is not allowed; expected an ordered mapping "
+                         "{pattern: format name | dict of format fields | None}")
+    return dict(rules)

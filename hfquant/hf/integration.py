@@ -11,10 +11,12 @@ from torch import nn
 from transformers.core_model_loading import ConversionOps
 from transformers.pytorch_utils import Conv1D
 
-from hfquant.formats import WeightFormat
+from hfquant.algorithms import Method
+from hfquant.formats import QuantizedWeight
+from hfquant.formats.base import check_weight
 from hfquant.nn.qlinear import QuantLinear
-from hfquant.plan import is_skipped
-from hfquant.quantize import quantize
+from hfquant.plan import ResolvedPlan
+from hfquant.schemes import LayerScheme
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
@@ -31,13 +33,12 @@ def float_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if isinstance(module, Conv1D) else module.weight
 
 
-def quantizable_layers(model: nn.Module, skip: list[str]) -> list[tuple[str, nn.Module]]:
-    """The float linear layers that the skip patterns leave for quantization, in model order."""
-    return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, LINEAR_TYPES) and not is_skipped(name, skip)]
+def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every float linear layer (``nn.Linear`` or ``Conv1D``) of ``model``, in model order."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, LINEAR_TYPES)]
 
 
-def check_no_tied_layers(model: nn.Module, skip: list[str]) -> None:
+def check_no_tied_layers(model: nn.Module, plan: ResolvedPlan) -> None:
     """Refuse to quantize a layer whose weight is tied to another tensor (e.g. ``lm_head`` to the embeddings).
 
     Its weight is not in the checkpoint under its own name, so it would never be quantized and its
@@ -45,11 +46,22 @@ def check_no_tied_layers(model: nn.Module, skip: list[str]) -> None:
     """
     tied_keys = getattr(model, "all_tied_weights_keys", None) or {}
     tied = {key.removesuffix(".weight") for pair in tied_keys.items() for key in pair}
-    offending = sorted(name for name, _ in quantizable_layers(model, skip) if name in tied)
+    offending = sorted(name for name in plan.layers if name in tied)
     if offending:
-        raise ValueError(f"modules_to_not_convert={skip!r} leaves {offending} to quantize, but their weights are tied "
-                         "to other tensors (tie_word_embeddings); allowed: keep them in full precision by listing "
-                         "them in modules_to_not_convert (or pass None for the default)")
+        raise ValueError(f"the plan quantizes {offending}, but their weights are tied to other tensors "
+                         "(tie_word_embeddings); allowed: keep them in full precision (modules_to_not_convert=None "
+                         "does by default, or list them, or give them a None rule)")
+
+
+def check_finite_weights(model: nn.Module, names: list[str]) -> None:
+    """``ValueError`` naming the first of ``names`` whose float weight has inf/NaN values."""
+    for name in names:
+        layer = model.get_submodule(name)
+        with align_module_device(layer):
+            try:
+                check_weight(float_weight(layer).detach())
+            except ValueError as error:
+                raise ValueError(f"layer {name}: {error}") from None
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -57,28 +69,27 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def empty_quant_linear(source: nn.Module, fmt: WeightFormat, device: torch.device | None = None) -> QuantLinear:
+def empty_quant_linear(source: nn.Module, scheme: LayerScheme, device: torch.device | None = None) -> QuantLinear:
     """A :class:`QuantLinear` shaped like ``source``, on ``device`` (default: ``source``'s, meta while loading)."""
     in_features, out_features = linear_shape(source)
-    return QuantLinear(in_features, out_features, fmt, bias=source.bias is not None, dtype=source.weight.dtype,
+    return QuantLinear(in_features, out_features, scheme, bias=source.bias is not None, dtype=source.weight.dtype,
                        device=device or source.weight.device, transposed_source=isinstance(source, Conv1D))
 
 
-def replace_linear_layers(model: nn.Module, fmt: WeightFormat, skip: list[str]) -> list[str]:
-    """Swap every quantizable linear layer for an empty :class:`QuantLinear`; returns their names."""
-    layers = quantizable_layers(model, skip)
-    for name, module in layers:
-        set_submodule(model, name, empty_quant_linear(module, fmt))
-    return [name for name, _ in layers]
+def replace_linear_layers(model: nn.Module, plan: ResolvedPlan) -> None:
+    """Swap every layer of the plan for an empty :class:`QuantLinear` built from its scheme."""
+    for name, scheme in plan.layers.items():
+        set_submodule(model, name, empty_quant_linear(model.get_submodule(name), scheme))
 
 
-def quantize_layer_in_place(model: nn.Module, name: str, quantized_weight: Any) -> QuantLinear:
-    """Replace float layer ``name`` with a :class:`QuantLinear` holding ``quantized_weight``.
+def quantize_layer_in_place(model: nn.Module, name: str, quantized_weight: QuantizedWeight,
+                            scheme: LayerScheme) -> QuantLinear:
+    """Replace float layer ``name`` with a :class:`QuantLinear` of ``scheme`` holding ``quantized_weight``.
 
     The new layer lives where the quantized tensors are (an offloaded layer's execution device).
     """
     source = model.get_submodule(name)
-    layer = empty_quant_linear(source, quantized_weight.fmt, device=quantized_weight.codes.device)
+    layer = empty_quant_linear(source, scheme, device=quantized_weight.codes.device)
     layer.load_quantized(quantized_weight)
     if source.bias is not None:
         with align_module_device(source):
@@ -123,10 +134,14 @@ def _move_accelerate_hook(old: nn.Module, new: nn.Module) -> None:
 
 
 class QuantizeWeight(ConversionOps):
-    """Loader op: a streamed full-precision ``weight`` becomes the packed tensors of its QuantLinear."""
+    """Loader op: a streamed full-precision ``weight`` becomes the stored tensors of its QuantLinear.
 
-    def __init__(self, fmt: WeightFormat) -> None:
-        self.fmt = fmt
+    The method's data-free path quantizes it in the layer's own format.
+    """
+
+    def __init__(self, method: Method, options: Any) -> None:
+        self.method = method
+        self.options = options
 
     def convert(self, input_dict: dict[str, Any], model: nn.Module | None = None,
                 full_layer_name: str | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
@@ -136,5 +151,8 @@ class QuantizeWeight(ConversionOps):
         prefix = name.removesuffix(".weight")
         layer = model.get_submodule(prefix)
         weight = tensor.t() if layer.transposed_source else tensor
-        packed = quantize(weight, self.fmt).packed()
-        return {f"{prefix}.{param}": t for param, t in packed.items()}
+        try:
+            stored = self.method.quantize(weight, layer.fmt, self.options).stored()
+        except ValueError as error:
+            raise ValueError(f"layer {prefix}: {error}") from None
+        return {f"{prefix}.{param}": t for param, t in stored.items()}

@@ -1,11 +1,12 @@
 """``HfQuantQuantizer``: the ``from_pretrained`` lifecycle for ``quant_method="hfquant"``.
 
 Thin by design: module surgery is in :mod:`hfquant.hf.integration`, the maths in
-:mod:`hfquant.quantize` and :mod:`hfquant.algorithms`.
+:mod:`hfquant.formats` and :mod:`hfquant.algorithms`.
 """
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from typing import Any
 
@@ -13,28 +14,47 @@ import torch
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
-from hfquant.hf import integration
+from hfquant.algorithms import get_method
+from hfquant.hf import integration, verify
 from hfquant.hf.calibrate import calibrate_and_quantize
 from hfquant.hf.config import HfQuantConfig
 from hfquant.hf.saving import save_pretrained_with_card
 from hfquant.nn.qlinear import QuantLinear, prepare_for_inference
+from hfquant.plan import unmatched
+
+logger = logging.getLogger(__name__)
 
 
 class HfQuantQuantizer(HfQuantizer):
-    """Quantizes while loading (RTN), after loading (calibrated methods), or loads a packed checkpoint."""
+    """Quantizes while loading (data-free methods), after loading (calibrated methods), or loads a saved checkpoint."""
 
     requires_calibration = False
     quantization_config: HfQuantConfig
 
     def _process_model_before_weight_loading(self, model: Any, keep_in_fp32_modules: list[str] | None = None,
-                                             **kwargs: Any) -> None:
+                                             checkpoint_files: list[str] | None = None, **kwargs: Any) -> None:
         config = self.quantization_config
-        skip = self.get_modules_to_not_convert(model, config.modules_to_not_convert, keep_in_fp32_modules)
-        config.modules_to_not_convert = sorted(skip)
-        if not self.pre_quantized:
-            integration.check_no_tied_layers(model, config.modules_to_not_convert)
+        requested = config.modules_to_not_convert
+        skip = sorted(self.get_modules_to_not_convert(model, requested, keep_in_fp32_modules))
+        config.modules_to_not_convert = skip
+        layers = dict(integration.linear_layers(model))
+        saved_plan = config.plan if self.pre_quantized else None
+        if saved_plan is None:
+            if not self.pre_quantized:
+                _warn_unmatched(requested, [name for name, _ in model.named_modules()])
+            config.plan = config.quant_plan.resolve(layers, skip)
+        unknown = sorted(set(config.plan.layers) - set(layers))
+        if unknown:
+            raise ValueError(f"the quantization plan names {unknown[:5]}, which are not linear layers of "
+                             f"{type(model).__name__}; the checkpoint was saved from another architecture")
+        if self.pre_quantized:
+            if checkpoint_files:
+                shapes = {name: integration.linear_shape(m) for name, m in layers.items()}
+                verify.verify_checkpoint(checkpoint_files, shapes, config.plan, require_metadata=saved_plan is not None)
+        else:
+            integration.check_no_tied_layers(model, config.plan)
         if self.pre_quantized or not config.calibrated:
-            integration.replace_linear_layers(model, config.weight_format, config.modules_to_not_convert)
+            integration.replace_linear_layers(model, config.plan)
 
     def param_needs_quantization(self, model: Any, param_name: str, **kwargs: Any) -> bool:
         if self.pre_quantized:
@@ -43,20 +63,28 @@ class HfQuantQuantizer(HfQuantizer):
         return isinstance(module, QuantLinear) and tensor_name == "weight"
 
     def get_quantize_ops(self) -> integration.QuantizeWeight:
-        return integration.QuantizeWeight(self.quantization_config.weight_format)
+        config = self.quantization_config
+        return integration.QuantizeWeight(get_method(config.method), config.options)
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
-        if self.quantization_config.calibrated and not self.pre_quantized:
-            calibrate_and_quantize(model, self.quantization_config)
-        if not self.pre_quantized:
-            self.quantization_config.base_model = model.name_or_path
+        config = self.quantization_config
+        if self.pre_quantized:
+            verify.check_loaded_values(model)
+        else:
+            if config.calibrated:
+                calibrate_and_quantize(model, config)
+            config.base_model = model.name_or_path
         for module in model.modules():
             if isinstance(module, QuantLinear):
                 module.requires_grad_(False)
         model.save_pretrained = partial(save_pretrained_with_card, model, model.save_pretrained)
         # repack for the kernels of hfquant.nn.kernels; state_dict unchanged
-        prepare_for_inference(model, kernels=self.quantization_config.kernels)
+        prepare_for_inference(model, kernels=config.kernels)
         return model
+
+    def get_state_dict_and_metadata(self, model: Any) -> tuple[None, dict[str, str]]:
+        """Save the ordinary state dict, with the resolved plan in each safetensors header (see :mod:`verify`)."""
+        return None, verify.plan_metadata(self.quantization_config.plan)
 
     def _dequantize(self, model: Any, dtype: torch.dtype | None = None) -> Any:
         return integration.dequantize_model(model, dtype or torch.float32)
@@ -72,3 +100,10 @@ class HfQuantQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _warn_unmatched(patterns: list[str] | None, module_names: list[str]) -> None:
+    missing = unmatched(patterns or [], module_names)
+    if missing:
+        logger.warning("hfquant: modules_to_not_convert pattern(s) %s match no module of this model; "
+                       "check them for typos", missing)

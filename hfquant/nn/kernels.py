@@ -27,8 +27,12 @@ Kernels (each a :class:`Kernel` value; the op names are torch's):
 
       y = x @ ((q - z) * s).T = s * (x @ (q - 128).T) - sum_k(x_k) * ((z - 128) * s)
 
-Codes of fewer than 4 bits fit the int4 kernels too (``(q - z) * s`` is the same maths), but
-widening 2/3-bit codes to 4 bits costs memory, so it is opt-in (``widen=True``).
+Kernels take a layer by its format, not its bit width: any format whose decoding is affine in
+the code (``w = (q - zero) · scale``; it defines ``affine(params)``: the integer formats, ternary,
+binary) with codes of a width the kernel takes. Codes of fewer than 4 bits (int2/int3, ternary,
+binary) fit the int4 kernels too (the same maths), but widening them to 4 bits costs memory, so it
+is opt-in (``widen=True``). Formats without an affine form (fp8, nf4, fp4, fp16, bf16) run the
+reference path.
 
 :data:`ROUTES` is the dispatch table: for a device type and activation dtype, which kernel to
 try, in order, and up to how many tokens (rows of the flattened input) it beats the reference
@@ -54,78 +58,14 @@ import torch
 import torch.nn.functional as F
 
 from hfquant.formats import WeightFormat
-from hfquant.packing import WORD_BITS, packed_width, unpack
+from hfquant.formats.affine import IntAffine
+from hfquant.packing import unpack_bytes
 
 Tensors = dict[str, torch.Tensor]
 
 # ----------------------------------------------------------------------------------------------
-# Reference path: unpack bytes (not int64 words), dequantize in the activation dtype, F.linear.
+# Reference path: the format decodes the weight in the activation dtype, then F.linear.
 # ----------------------------------------------------------------------------------------------
-
-
-def _byte_layout(bits: int) -> tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """How codes sit in bytes: bytes per chunk, and per code its low byte/shift and high byte/shift.
-
-    A chunk is ``lcm(bits, 8)`` bits. A code that straddles two bytes takes its high bits from the
-    next byte.
-    """
-    chunk_bits = math.lcm(bits, 8)
-    nbytes = chunk_bits // 8
-    lo_byte, lo_shift, hi_byte, hi_shift = [], [], [], []
-    for start in range(0, chunk_bits, bits):
-        byte, offset = divmod(start, 8)
-        lo_byte.append(byte)
-        lo_shift.append(offset)
-        straddles = offset + bits > 8
-        hi_byte.append(byte + 1 if straddles else nbytes)  # nbytes: no high part
-        hi_shift.append(8 - offset if straddles else 0)
-    return nbytes, tuple(lo_byte), tuple(lo_shift), tuple(hi_byte), tuple(hi_shift)
-
-
-_BYTE_LAYOUTS = {bits: _byte_layout(bits) for bits in range(1, 9)}  # a constant table: dynamo traces no cache
-
-
-def unpack_bytes(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """All codes of packed rows (padding included), as ``uint8``; same result as :func:`packing.unpack`.
-
-    Works on the words' little-endian bytes with ``uint8`` shifts: 1 byte of temporaries per code
-    instead of the 8-byte words of the generic unpacker.
-    """
-    if sys.byteorder != "little" or bits > 8:
-        return unpack(words, bits, words.shape[-1] * WORD_BITS // bits)
-    nbytes, lo_byte, lo_shift, hi_byte, hi_shift = _BYTE_LAYOUTS[bits]
-    rows = words.shape[0]
-    chunks = words.view(torch.uint8).reshape(rows, -1, nbytes)
-    mask = 2**bits - 1
-    if nbytes == 1:  # 2, 4, 8 bits: no code straddles a byte
-        shifts = torch.tensor(lo_shift, dtype=torch.uint8, device=words.device)
-        return ((chunks >> shifts) & mask).reshape(rows, -1)
-    codes = torch.empty(rows, chunks.shape[1], len(lo_byte), dtype=torch.uint8, device=words.device)
-    for j, (lo, lo_s, hi, hi_s) in enumerate(zip(lo_byte, lo_shift, hi_byte, hi_shift, strict=True)):
-        code = chunks[..., lo] >> lo_s
-        if hi < nbytes:
-            code = code | (chunks[..., hi] << hi_s)
-        codes[..., j] = code & mask
-    return codes.reshape(rows, -1)
-
-
-def dequantize_stored(stored: Tensors, fmt: WeightFormat, in_features: int, dtype: torch.dtype) -> torch.Tensor:
-    """``(out, in)`` weight in ``dtype``; bit-identical to :func:`hfquant.quantize.dequantize_packed`.
-
-    Same elementwise maths (``(codes - zero) * scale`` in ``dtype``), but per-group values are
-    broadcast over a ``(out, groups, group width)`` view instead of being repeated, and the two
-    steps run in place.
-    """
-    codes = unpack_bytes(stored["weight"], fmt.bits)
-    rows = codes.shape[0]
-    groups, width = fmt.num_groups(in_features), fmt.group_width(in_features)
-    span = groups * width  # the last group padded to full width
-    codes = codes[:, :span] if codes.shape[1] >= span else F.pad(codes, (0, span - codes.shape[1]))
-    weight = codes.reshape(rows, groups, width).to(dtype)
-    zero = stored.get("weight_zero")
-    weight.sub_(fmt.sym_zero if zero is None else zero.to(dtype).unsqueeze(-1))
-    weight.mul_(stored["weight_scale"].to(dtype).unsqueeze(-1))
-    return weight.reshape(rows, span)[:, :in_features]
 
 
 REFERENCE_CHUNK = 1 << 22  # weights dequantized at a time by the eager reference path
@@ -145,9 +85,8 @@ def reference_linear(x: torch.Tensor, stored: Tensors, fmt: WeightFormat, in_fea
     out_features = stored["weight"].shape[0]
     rows = max(16, REFERENCE_CHUNK // in_features)
     if torch.compiler.is_compiling() or x.device.type != "cpu" or out_features <= rows:
-        return F.linear(x, dequantize_stored(stored, fmt, in_features, x.dtype), bias)
-    parts = [F.linear(x, dequantize_stored({k: v[start:start + rows] for k, v in stored.items()}, fmt, in_features,
-                                           x.dtype))
+        return F.linear(x, fmt.decode(stored, in_features, x.dtype), bias)
+    parts = [F.linear(x, fmt.decode({k: v[start:start + rows] for k, v in stored.items()}, in_features, x.dtype))
              for start in range(0, out_features, rows)]
     y = torch.cat(parts, dim=-1)
     return y if bias is None else y + bias
@@ -165,13 +104,15 @@ class Layout:
     in_features: int
     padded_in: int  # input columns after zero-padding to whole kernel groups
     group: int = 0  # the kernel's group size (int4 kernels)
-    correct_zero: bool = False  # asymmetric int8: subtract the zero-point correction
+    correct_zero: bool = False  # int8 with stored zero points: subtract the zero-point correction
 
 
 @dataclass(frozen=True)
 class Kernel:
     """A weight-only-quantized matmul of torch's, with how to lay our packed weight out for it.
 
+    It takes formats whose decoding is affine in the code (``w = (q - zero) · scale``: they define
+    ``affine(params) -> (scale, zero)``) with codes of the widths in ``bits``.
     ``layout(fmt, in_features, out_features)`` says whether the kernel can take a layer
     (``None``: it cannot) and how; ``pack`` builds its tensors from the stored ones; ``matmul``
     computes ``x2d @ W.T`` for a 2-D contiguous ``x2d``.
@@ -180,6 +121,7 @@ class Kernel:
     name: str
     device_type: str
     bits: tuple[int, ...]  # code widths taken as they are
+    probe: WeightFormat  # a format it takes, for the one-off check that it runs here (kernel_works)
     layout: Callable[[WeightFormat, int, int], Layout | None]
     pack: Callable[[Tensors, WeightFormat, Layout, torch.dtype], Tensors]
     matmul: Callable[[torch.Tensor, Tensors, Layout], torch.Tensor]
@@ -187,7 +129,9 @@ class Kernel:
     ops: tuple[str, ...] = ()  # aten ops it needs; missing ones make it unavailable
 
     def takes(self, fmt: WeightFormat, widen: bool) -> bool:
-        return fmt.bits in self.bits or (widen and fmt.bits in self.widen_bits)
+        if not hasattr(fmt, "affine"):
+            return False
+        return fmt.code_bits in self.bits or (widen and fmt.code_bits in self.widen_bits)
 
 
 _INT4_GROUPS = (256, 128, 64, 32)  # what torch's int4 kernels accept, largest first
@@ -208,23 +152,21 @@ def _int4_layout(multiple_of_out: int) -> Callable[[WeightFormat, int, int], Lay
     return layout
 
 
-def _int4_codes_and_zeros(stored: Tensors, fmt: WeightFormat, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+def _int4_codes_and_zeros(stored: Tensors, fmt: WeightFormat,
+                          lay: Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``int32 (out, padded_in)`` codes and their ``float32 (out, groups)`` zero points, as 4-bit codes.
 
-    Codes narrower than 4 bits are shifted up per group (``q + c``, ``zero + c``, same weights) so
-    the zero point lands on 8: torch's zero term ``(8 - zero) * s`` is then exactly 0 and loses
-    nothing to rounding in 16-bit dtypes. Padded columns are 0 (they meet zero-padded inputs).
+    Also returns the float32 scales. Codes narrower than 4 bits are shifted up per group (``q + c``,
+    ``zero + c``, same weights) so the zero point lands on (or next to) 8: torch's zero term
+    ``(8 - zero) * s`` is then 0 (or tiny) and loses nothing to rounding in 16-bit dtypes. Padded
+    columns are 0 (they meet zero-padded inputs).
     """
-    scale = stored["weight_scale"]
-    zero = stored.get("weight_zero")
-    if zero is None:
-        zero = torch.full(scale.shape, fmt.sym_zero, dtype=torch.int32, device=scale.device)
-    zero = zero.to(torch.int32)
-    shift = (8 - zero).clamp(0, 16 - 2**fmt.bits)
-    codes = unpack_bytes(stored["weight"], fmt.bits)[:, :lay.in_features].to(torch.int32)
+    scale, zero = fmt.affine(fmt.stored_params(stored))
+    shift = torch.round(8 - zero).clamp(0, 16 - 2**fmt.code_bits).to(torch.int32)
+    codes = unpack_bytes(stored["weight"], fmt.code_bits)[:, :lay.in_features].to(torch.int32)
     width = fmt.group_width(lay.in_features)
     codes = codes + shift.repeat_interleave(width, dim=1)[:, :lay.in_features]
-    return F.pad(codes, (0, lay.padded_in - lay.in_features)), (zero + shift).float()
+    return F.pad(codes, (0, lay.padded_in - lay.in_features)), zero + shift, scale
 
 
 def _int4_scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor, fmt: WeightFormat, lay: Layout,
@@ -233,7 +175,7 @@ def _int4_scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor, fmt: WeightF
     ours = torch.arange(lay.padded_in // lay.group, device=scale.device) * lay.group // fmt.group_width(
         lay.in_features)
     ours = ours.clamp(max=scale.shape[1] - 1)  # groups made only of padding reuse the last one
-    s, z = scale.float()[:, ours], zero[:, ours]
+    s, z = scale[:, ours], zero[:, ours]
     return torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous().to(dtype)
 
 
@@ -244,9 +186,9 @@ def _pad_input(x2d: torch.Tensor, lay: Layout) -> torch.Tensor:
 
 
 def _pack_int4_cpu(stored: Tensors, fmt: WeightFormat, lay: Layout, dtype: torch.dtype) -> Tensors:
-    codes, zero = _int4_codes_and_zeros(stored, fmt, lay)
+    codes, zero, scale = _int4_codes_and_zeros(stored, fmt, lay)
     return {"weight": torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1),
-            "scales_and_zeros": _int4_scales_and_zeros(stored["weight_scale"], zero, fmt, lay, dtype)}
+            "scales_and_zeros": _int4_scales_and_zeros(scale, zero, fmt, lay, dtype)}
 
 
 def _matmul_int4_cpu(x2d: torch.Tensor, tensors: Tensors, lay: Layout) -> torch.Tensor:
@@ -259,10 +201,10 @@ def _cuda_inner_k_tiles(padded_in: int) -> int:
 
 
 def _pack_int4_cuda(stored: Tensors, fmt: WeightFormat, lay: Layout, dtype: torch.dtype) -> Tensors:
-    codes, zero = _int4_codes_and_zeros(stored, fmt, lay)
+    codes, zero, scale = _int4_codes_and_zeros(stored, fmt, lay)
     pairs = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
     return {"weight": torch.ops.aten._convert_weight_to_int4pack(pairs, _cuda_inner_k_tiles(lay.padded_in)),
-            "scales_and_zeros": _int4_scales_and_zeros(stored["weight_scale"], zero, fmt, lay, dtype)}
+            "scales_and_zeros": _int4_scales_and_zeros(scale, zero, fmt, lay, dtype)}
 
 
 def _matmul_int4_cuda(x2d: torch.Tensor, tensors: Tensors, lay: Layout) -> torch.Tensor:
@@ -277,16 +219,16 @@ def _int8_layout(fmt: WeightFormat, in_features: int, out_features: int) -> Layo
     if fmt.num_groups(in_features) != 1:
         return None
     padded = math.ceil(in_features / _INT8_COLUMNS) * _INT8_COLUMNS
-    return Layout(in_features=in_features, padded_in=padded, correct_zero=not fmt.sym)
+    return Layout(in_features=in_features, padded_in=padded, correct_zero="zero" in fmt.param_dtypes)
 
 
 def _pack_int8(stored: Tensors, fmt: WeightFormat, lay: Layout, dtype: torch.dtype) -> Tensors:
     codes = unpack_bytes(stored["weight"], 8)[:, :lay.in_features]
     weight = (codes ^ 0x80).view(torch.int8)  # q - 128, two's complement
-    scale = stored["weight_scale"][:, 0].float()
+    scale, zero = (t[:, 0] for t in fmt.affine(fmt.stored_params(stored)))
     tensors = {"weight": F.pad(weight, (0, lay.padded_in - lay.in_features)).contiguous(), "scale": scale.to(dtype)}
     if lay.correct_zero:
-        tensors["zero_correction"] = (stored["weight_zero"][:, 0].float() - 128) * scale  # float32
+        tensors["zero_correction"] = (zero - 128) * scale  # float32
     return tensors
 
 
@@ -298,15 +240,17 @@ def _matmul_int8(x2d: torch.Tensor, tensors: Tensors, lay: Layout) -> torch.Tens
     return y
 
 
-INT4_CPU = Kernel("int4pack-cpu", "cpu", bits=(4,), widen_bits=(2, 3), layout=_int4_layout(16),
+_INT4_PROBE = IntAffine(bits=4, group_size=32, sym=False)
+_INT8_PROBE = IntAffine(bits=8, group_size=-1, sym=False)
+INT4_CPU = Kernel("int4pack-cpu", "cpu", bits=(4,), probe=_INT4_PROBE, widen_bits=(1, 2, 3), layout=_int4_layout(16),
                   pack=_pack_int4_cpu, matmul=_matmul_int4_cpu,
                   ops=("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu"))
-INT4_CUDA = Kernel("int4pack-cuda", "cuda", bits=(4,), widen_bits=(2, 3), layout=_int4_layout(8),
+INT4_CUDA = Kernel("int4pack-cuda", "cuda", bits=(4,), probe=_INT4_PROBE, widen_bits=(1, 2, 3), layout=_int4_layout(8),
                    pack=_pack_int4_cuda, matmul=_matmul_int4_cuda,
                    ops=("_convert_weight_to_int4pack", "_weight_int4pack_mm"))
-INT8_CPU = Kernel("int8pack-cpu", "cpu", bits=(8,), layout=_int8_layout, pack=_pack_int8, matmul=_matmul_int8,
+INT8_CPU = Kernel("int8pack-cpu", "cpu", bits=(8,), probe=_INT8_PROBE, layout=_int8_layout, pack=_pack_int8, matmul=_matmul_int8,
                   ops=("_weight_int8pack_mm",))
-INT8_CUDA = Kernel("int8pack-cuda", "cuda", bits=(8,), layout=_int8_layout, pack=_pack_int8, matmul=_matmul_int8,
+INT8_CUDA = Kernel("int8pack-cuda", "cuda", bits=(8,), probe=_INT8_PROBE, layout=_int8_layout, pack=_pack_int8, matmul=_matmul_int8,
                    ops=("_weight_int8pack_mm",))
 KERNELS = {k.name: k for k in (INT4_CPU, INT4_CUDA, INT8_CPU, INT8_CUDA)}
 
@@ -428,23 +372,17 @@ def kernel_works(name: str, device: str, dtype: torch.dtype) -> bool:
     kernel = KERNELS[name]
     if not all(hasattr(torch.ops.aten, op) for op in kernel.ops):
         return False
-    bits = kernel.bits[0]
-    fmt = WeightFormat(bits=bits, group_size=-1 if bits == 8 else 32, sym=False)
+    fmt = kernel.probe
     out_features, in_features = 32, 64
     gen = torch.Generator().manual_seed(0)
-    stored = {"weight": torch.randint(-2**31, 2**31 - 1, (out_features, packed_width(in_features, bits)),
-                                      dtype=torch.int32, generator=gen),
-              "weight_scale": (torch.rand(out_features, fmt.num_groups(in_features), generator=gen) / 64 + 1e-3
-                               ).half(),
-              "weight_zero": torch.randint(0, fmt.maxq + 1, (out_features, fmt.num_groups(in_features)),
-                                           dtype=torch.uint8, generator=gen)}
-    stored = {k: v.to(device) for k, v in stored.items()}
+    weight = torch.randn(out_features, in_features, generator=gen) / 8 + torch.rand(out_features, 1, generator=gen) / 8
+    stored = {k: v.to(device) for k, v in fmt.quantize(weight).stored().items()}
     x = torch.randn(3, in_features, generator=gen).to(device=device, dtype=dtype)
     try:
         lay = kernel.layout(fmt, in_features, out_features)
         got = kernel.matmul(x, kernel.pack(stored, fmt, lay, dtype), lay).float()
     except (RuntimeError, NotImplementedError, TypeError):
         return False
-    want = x.float() @ dequantize_stored(stored, fmt, in_features, torch.float32).T
+    want = x.float() @ fmt.decode(stored, in_features, torch.float32).T
     return bool(torch.allclose(got, want, rtol=0.05, atol=0.05 * float(want.abs().max())))
 

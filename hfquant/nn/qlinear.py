@@ -1,13 +1,11 @@
-"""A frozen linear layer holding packed integer weights.
+"""A frozen linear layer holding a quantized weight in the stored layout of its scheme's format.
 
-Stored tensors (the names are the checkpoint keys, so a saved model reloads by name):
-
-* ``weight``: ``int32 (out_features, packed_width(in_features, bits))`` — the codes, packed as
-  described in :mod:`hfquant.packing`. Its shape never equals ``nn.Linear``'s ``(out, in)``, so a
-  checkpoint loaded without ``import hfquant`` fails with a size mismatch instead of loading garbage.
-* ``weight_scale``: ``float16 (out_features, num_groups)``.
-* ``weight_zero``: ``uint8 (out_features, num_groups)``, asymmetric formats only.
-* ``bias``: unchanged, in the model's dtype.
+Stored tensors are exactly those the format declares (:meth:`WeightFormat.specs`; their names are
+the checkpoint keys, so a saved model reloads by name): ``weight`` (int32 words of packed codes,
+never ``nn.Linear``'s shape, so a checkpoint loaded without ``import hfquant`` fails with a size
+mismatch instead of loading garbage), ``weight_<param>`` per group (e.g. ``weight_scale``,
+``weight_zero``), and ``bias`` unchanged in the model's dtype. Casting the module (``.to(bfloat16)``)
+moves the stored tensors but never changes their dtype: only the bias and the compute dtype follow.
 
 Inference runs the reference path (dequantize in the activation dtype, then ``F.linear``) unless
 :meth:`QuantLinear.prepare_kernel` (or :func:`prepare_for_inference` for a whole model) has
@@ -21,55 +19,52 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hfquant.formats import SCALE_DTYPE, ZERO_DTYPE, WeightFormat
+from hfquant.formats import QuantizedWeight, WeightFormat
 from hfquant.nn import kernels
-from hfquant.packing import packed_width
-from hfquant.quantize import QuantizedWeight, dequantize_packed
+from hfquant.schemes import LayerScheme
 
 
 class QuantLinear(nn.Module):
-    """``y = x @ dequantize(W).T + b`` for packed integer ``W``.
+    """``y = x @ dequantize(W).T + b`` for a quantized ``W`` laid out as its scheme's format stores it.
 
     ``transposed_source`` records that the layer replaced a GPT-2 style ``Conv1D`` whose
     full-precision weight is stored ``(in, out)``; it only matters when a full-precision
     weight is quantized into this module or when the module is turned back into a float one.
     """
 
-    def __init__(self, in_features: int, out_features: int, fmt: WeightFormat, bias: bool = True,
+    def __init__(self, in_features: int, out_features: int, scheme: LayerScheme, bias: bool = True,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                  transposed_source: bool = False) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.fmt = fmt
+        self.scheme = scheme
         self.transposed_source = transposed_source
-        groups = fmt.num_groups(in_features)
-        frozen = dict(requires_grad=False)
-        self.weight = nn.Parameter(torch.zeros(out_features, packed_width(in_features, fmt.bits),
-                                               dtype=torch.int32, device=device), **frozen)
-        self.weight_scale = nn.Parameter(torch.ones(out_features, groups, dtype=SCALE_DTYPE, device=device),
-                                         **frozen)
-        self.weight_zero = None if fmt.sym else nn.Parameter(
-            torch.zeros(out_features, groups, dtype=ZERO_DTYPE, device=device), **frozen)
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), **frozen) if bias else None
+        self.specs = scheme.weight.specs(out_features, in_features)
+        for name, spec in self.specs.items():
+            self.register_parameter(name, nn.Parameter(torch.zeros(spec.shape, dtype=spec.dtype, device=device),
+                                                       requires_grad=False))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
+                                 requires_grad=False) if bias else None
         self.kernel_plan: kernels.Plan | None = None
         self._kernel_request: tuple[torch.dtype, bool, str] | None = None  # (activation dtype, widen, mode)
 
+    @property
+    def fmt(self) -> WeightFormat:
+        return self.scheme.weight
+
     def stored(self) -> dict[str, torch.Tensor]:
-        """The packed tensors, keyed like :meth:`QuantizedWeight.packed`."""
-        tensors = {"weight": self.weight, "weight_scale": self.weight_scale}
-        if self.weight_zero is not None:
-            tensors["weight_zero"] = self.weight_zero
-        return tensors
+        """The stored tensors of the weight, keyed like :meth:`QuantizedWeight.stored`."""
+        return {name: getattr(self, name) for name in self.specs}
 
     def load_quantized(self, quantized: QuantizedWeight) -> None:
-        """Copy a quantized weight in (shapes must match this layer)."""
-        for name, tensor in quantized.packed().items():
+        """Copy a quantized weight in (shapes and dtypes must match this layer's format)."""
+        for name, tensor in quantized.stored().items():
             getattr(self, name).data.copy_(tensor)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The ``(out, in)`` float weight this layer computes with."""
-        return dequantize_packed(self.stored(), self.fmt, self.in_features, dtype)
+        return self.fmt.decode(self.stored(), self.in_features, dtype)
 
     def prepare_kernel(self, dtype: torch.dtype, widen: bool = False, mode: str = "auto") -> str:
         """Repack for the kernel the dispatch table picks for this format, device and ``dtype``.
@@ -110,10 +105,18 @@ class QuantLinear(nn.Module):
         return kernels.reference_linear(x, self.stored(), self.fmt, self.in_features, self.bias)
 
     def _apply(self, fn, recurse: bool = True):  # same signature as nn.Module._apply
-        """``.to()``/``.cuda()``/``.half()``: repack for the new device and dtype instead of moving kernel tensors."""
+        """``.to()``/``.cuda()``/``.half()``: stored tensors move but keep their dtype; kernels are repacked."""
         request = self._kernel_request
         self.release_kernel()
+        order = list(self._parameters)
+        stored = {name: self._parameters.pop(name) for name in self.specs}
         module = super()._apply(fn, recurse)
+        for param in stored.values():
+            moved = fn(param.data)
+            if moved.dtype != param.dtype:  # a cast: stored tensors only move
+                moved = param.data.to(device=moved.device)
+            param.data = moved
+        self._parameters = {name: stored[name] if name in stored else self._parameters[name] for name in order}
         if request is not None:
             dtype, widen, mode = request
             probe = fn(torch.empty(0, dtype=dtype, device=self.weight.device))  # what fn does to activations
@@ -122,7 +125,7 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"format={self.fmt.name}, bias={self.bias is not None}, "
+                f"scheme={self.scheme.name}, bias={self.bias is not None}, "
                 f"kernel={self.kernel_plan.kernel.name if self.kernel_plan else 'reference'}")
 
 
