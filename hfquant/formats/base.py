@@ -141,6 +141,20 @@ class WeightFormat:
         """One sentence for model cards."""
         return f"`{self.name}`"
 
+    # --- packing: dense bit fields by default; a format may pack more densely --------------------
+
+    def code_words(self, in_features: int) -> int:
+        """int32 words per row that hold ``in_features`` codes."""
+        return packed_width(in_features, self.code_bits)
+
+    def pack_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """``(rows, in)`` codes -> ``(rows, code_words(in))`` int32 words."""
+        return pack(codes, self.code_bits)
+
+    def unpack_codes(self, words: torch.Tensor) -> torch.Tensor:
+        """Every code the words hold (padding included), inverse of :meth:`pack_codes`."""
+        return unpack_bytes(words, self.code_bits)
+
     # --- derived, the same for every format -----------------------------------------------------
 
     @property
@@ -165,7 +179,7 @@ class WeightFormat:
 
     def specs(self, out_features: int, in_features: int) -> dict[str, TensorSpec]:
         """The tensors a layer of this shape stores, by parameter name (``weight`` first)."""
-        specs = {"weight": TensorSpec((out_features, packed_width(in_features, self.code_bits)), torch.int32)}
+        specs = {"weight": TensorSpec((out_features, self.code_words(in_features)), torch.int32)}
         groups = self.num_groups(in_features)
         for param, dtype in self.param_dtypes.items():
             specs[f"weight_{param}"] = TensorSpec((out_features, groups), dtype)
@@ -204,7 +218,7 @@ class WeightFormat:
         Per-group parameters broadcast over a ``(out, groups, group width)`` view of the codes
         instead of being repeated, so decoding costs one pass over the codes.
         """
-        codes = unpack_bytes(stored["weight"], self.code_bits)
+        codes = self.unpack_codes(stored["weight"])
         rows = codes.shape[0]
         if not self.grouped:
             return self.dequantize(codes[:, :in_features], {}, dtype)
@@ -290,7 +304,7 @@ class QuantizedWeight:
 
     def stored(self) -> dict[str, torch.Tensor]:
         """The tensors a quantized layer stores, keyed by their parameter names."""
-        tensors = {"weight": pack(self.codes, self.fmt.code_bits)}
+        tensors = {"weight": self.fmt.pack_codes(self.codes)}
         tensors.update({f"weight_{k}": v for k, v in self.params.items()})
         return tensors
 

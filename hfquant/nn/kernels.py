@@ -59,7 +59,6 @@ import torch.nn.functional as F
 
 from hfquant.formats import WeightFormat
 from hfquant.formats.affine import IntAffine
-from hfquant.packing import unpack_bytes
 
 Tensors = dict[str, torch.Tensor]
 
@@ -163,7 +162,7 @@ def _int4_codes_and_zeros(stored: Tensors, fmt: WeightFormat,
     """
     scale, zero = fmt.affine(fmt.stored_params(stored))
     shift = torch.round(8 - zero).clamp(0, 16 - 2**fmt.code_bits).to(torch.int32)
-    codes = unpack_bytes(stored["weight"], fmt.code_bits)[:, :lay.in_features].to(torch.int32)
+    codes = fmt.unpack_codes(stored["weight"])[:, :lay.in_features].to(torch.int32)
     width = fmt.group_width(lay.in_features)
     codes = codes + shift.repeat_interleave(width, dim=1)[:, :lay.in_features]
     return F.pad(codes, (0, lay.padded_in - lay.in_features)), zero + shift, scale
@@ -223,7 +222,7 @@ def _int8_layout(fmt: WeightFormat, in_features: int, out_features: int) -> Layo
 
 
 def _pack_int8(stored: Tensors, fmt: WeightFormat, lay: Layout, dtype: torch.dtype) -> Tensors:
-    codes = unpack_bytes(stored["weight"], 8)[:, :lay.in_features]
+    codes = fmt.unpack_codes(stored["weight"])[:, :lay.in_features]
     weight = (codes ^ 0x80).view(torch.int8)  # q - 128, two's complement
     scale, zero = (t[:, 0] for t in fmt.affine(fmt.stored_params(stored)))
     tensors = {"weight": F.pad(weight, (0, lay.padded_in - lay.in_features)).contiguous(), "scale": scale.to(dtype)}
