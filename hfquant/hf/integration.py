@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -133,15 +134,32 @@ def _move_accelerate_hook(old: nn.Module, new: nn.Module) -> None:
     add_hook_to_module(new, hook)
 
 
+@dataclass
+class ConversionLog:
+    """What the loader ops did; transformers only logs an op's exceptions, so the quantizer checks this after loading."""
+
+    done: set[str] = field(default_factory=set)
+    failures: dict[str, str] = field(default_factory=dict)
+
+    def check(self, layers: list[str]) -> None:
+        """``ValueError`` naming the first planned layer that was not quantized (and why, when known)."""
+        for name in layers:
+            if name not in self.done:
+                why = self.failures.get(name, "its weight was not in the checkpoint under its own name")
+                raise ValueError(f"layer {name} was not quantized: {why}")
+
+
 class QuantizeWeight(ConversionOps):
     """Loader op: a streamed full-precision ``weight`` becomes the stored tensors of its QuantLinear.
 
-    The method's data-free path quantizes it in the layer's own format.
+    The method's data-free path quantizes it in the layer's own format; the outcome goes to ``log``
+    (transformers would turn an exception here into a generic RuntimeError after its load report).
     """
 
-    def __init__(self, method: Method, options: Any) -> None:
+    def __init__(self, method: Method, options: Any, log: ConversionLog) -> None:
         self.method = method
         self.options = options
+        self.log = log
 
     def convert(self, input_dict: dict[str, Any], model: nn.Module | None = None,
                 full_layer_name: str | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
@@ -153,6 +171,8 @@ class QuantizeWeight(ConversionOps):
         weight = tensor.t() if layer.transposed_source else tensor
         try:
             stored = self.method.quantize(weight, layer.fmt, self.options).stored()
-        except ValueError as error:
-            raise ValueError(f"layer {prefix}: {error}") from None
+        except ValueError as error:  # raised by the quantizer after loading, naming the layer (see ConversionLog)
+            self.log.failures[prefix] = str(error)
+            return {}
+        self.log.done.add(prefix)
         return {f"{prefix}.{param}": t for param, t in stored.items()}

@@ -31,6 +31,10 @@ class HfQuantQuantizer(HfQuantizer):
     requires_calibration = False
     quantization_config: HfQuantConfig
 
+    def __init__(self, quantization_config: HfQuantConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self._conversions = integration.ConversionLog()
+
     def _process_model_before_weight_loading(self, model: Any, keep_in_fp32_modules: list[str] | None = None,
                                              checkpoint_files: list[str] | None = None, **kwargs: Any) -> None:
         config = self.quantization_config
@@ -64,7 +68,7 @@ class HfQuantQuantizer(HfQuantizer):
 
     def get_quantize_ops(self) -> integration.QuantizeWeight:
         config = self.quantization_config
-        return integration.QuantizeWeight(get_method(config.method), config.options)
+        return integration.QuantizeWeight(get_method(config.method), config.options, self._conversions)
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         config = self.quantization_config
@@ -73,6 +77,8 @@ class HfQuantQuantizer(HfQuantizer):
         else:
             if config.calibrated:
                 calibrate_and_quantize(model, config)
+            else:
+                self._conversions.check(list(config.plan.layers))
             config.base_model = model.name_or_path
         for module in model.modules():
             if isinstance(module, QuantLinear):
