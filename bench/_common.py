@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import threading
@@ -79,3 +80,8 @@ def write_results(name: str, payload: dict[str, Any], table: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(table + "\n")
     print(table)
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages of this machine now (``os.getloadavg``); other work skews timings."""
+    return [round(value, 2) for value in os.getloadavg()]
