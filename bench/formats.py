@@ -18,8 +18,7 @@ Every row runs in two fresh processes, one per model:
   folder, ``hfquant.stats.checkpoint_bytes``), perplexity under both protocols (``workflows.evaluate``
   on the first ``--max-tokens`` tokens of the bundled Brown test split, ``--seqlen`` windows, strided
   protocol with ``--stride``), mean KL(fp32 || row), p99 KL and top-1 agreement (``evaluation.drift``),
-  the standard error of the mean KL (per-token KLs recomputed here, see :func:`token_kl`, unless the
-  ``DriftResult`` carries one), quantize seconds.
+  the standard errors of the mean KL (``DriftResult``: over tokens and over windows), quantize seconds.
 - encoder: all-MiniLM-L6-v2 (``hfquant.bundled.bundled_encoder_path``, trained and stored in float32),
   the same quantization keyword arguments through ``AutoModel.from_pretrained``; mean / min / p01 cosine
   of each sentence embedding to the float model's and agreement of the pairwise-similarity matrices on
@@ -72,50 +71,6 @@ def spec_kwargs(spec: str, args: argparse.Namespace) -> dict[str, Any] | None:
     return kwargs
 
 
-def token_kl(model, base_model, input_ids, seqlen: int) -> dict[str, Any]:
-    """Per-token KL(base || model) on the windows of ``evaluation.drift`` (non-overlapping ``seqlen``, tail
-    dropped, every position, float64 ``log_softmax``, one window at a time), summarised.
-
-    ``mean_kl_stderr`` treats tokens as independent (as llama.cpp's ``Mean KLD ± x``). Tokens of one window
-    are correlated; ``mean_kl_stderr_windows`` takes the per-window means as the independent units instead
-    (itself noisy when there are few windows: 32 at the defaults).
-    """
-    import numpy as np
-    import torch
-
-    from hfquant.evaluation.perplexity import chunk_windows
-
-    kls, agreements, window_means = [], [], []
-    with torch.no_grad():
-        for window in chunk_windows(len(input_ids), seqlen):
-            ids = input_ids[window.begin:window.end].unsqueeze(0)
-            logits = model(input_ids=ids.to(model.device), use_cache=False).logits[0]
-            base_logits = base_model(input_ids=ids.to(base_model.device), use_cache=False).logits[0].to(logits.device)
-            log_probs = logits.double().log_softmax(-1)
-            base_log_probs = base_logits.double().log_softmax(-1)
-            kl = (base_log_probs.exp() * (base_log_probs - log_probs)).sum(-1).cpu()
-            kls.append(kl)
-            window_means.append(kl.mean().item())
-            agreements.append((logits.argmax(-1) == base_logits.argmax(-1)).cpu())
-    kl = torch.cat(kls).numpy()
-    return {
-        "mean_kl": float(kl.mean()),
-        "mean_kl_stderr": float(kl.std(ddof=1) / math.sqrt(len(kl))),
-        "mean_kl_stderr_windows": float(np.std(window_means, ddof=1) / math.sqrt(len(window_means)))
-        if len(window_means) > 1 else None,
-        "p99_kl": float(np.percentile(kl, 99)),
-        "top1_agreement": torch.cat(agreements).double().mean().item(),
-        "num_tokens": len(kl),
-        "num_windows": len(window_means),
-    }
-
-
-def _carried_stderr(drift: dict[str, Any]) -> float | None:
-    """A standard error of the mean KL that the ``DriftResult`` itself carries, if any."""
-    keys = [key for key in drift if "kl" in key and ("stderr" in key or key.endswith("_se"))]
-    return drift[keys[0]] if len(keys) == 1 else None
-
-
 def run_causal(args: argparse.Namespace, spec: str) -> dict[str, Any]:
     """One row on the bundled causal model (runs in a child process)."""
     import torch
@@ -145,14 +100,6 @@ def run_causal(args: argparse.Namespace, spec: str) -> dict[str, Any]:
                                 quantize_seconds=row["quantize_seconds"])
     row["report"] = report.to_dict()
     row["bits_per_weight"] = report.bits_per_weight
-    if base is not None:
-        drift = row["report"]["drift"]
-        carried = _carried_stderr(drift)
-        if carried is not None:
-            row["kl"] = {"mean_kl_stderr": carried, "source": "DriftResult"}
-        else:
-            row["kl"] = {**token_kl(model, base, ids, args.seqlen), "source": "bench per-token pass"}
-            row["kl"]["mean_kl_difference_to_drift"] = row["kl"]["mean_kl"] - drift["mean_kl"]
     row["eval_seconds"] = time.perf_counter() - start
     if torch.cuda.is_available():
         row["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -229,18 +176,18 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for spec, part in causal:
-        report, kl = part["report"], part.get("kl", {})
+        report = part["report"]
         ppl = {protocol: result["ppl"] for protocol, result in report["perplexity"].items()}
         deltas = {p: ppl[p] - base_ppl[p]["ppl"] if p in base_ppl and p in ppl else None for p in ppl}
         drift = report["drift"] or {}
         mean_kl = _f(drift.get("mean_kl"), "{:.5f}")
-        if kl.get("mean_kl_stderr") is not None:
-            mean_kl += f" ± {kl['mean_kl_stderr']:.5f}"
+        if drift.get("mean_kl_stderr") is not None:
+            mean_kl += f" ± {drift['mean_kl_stderr']:.5f}"
         lines.append(
             f"| {spec} | {_f(part['bits_per_weight'], '{:.3f}')} | {part['checkpoint_bytes'] / 1e6:.2f} | "
             f"{_f(ppl.get('gptq'), '{:.3f}')} | {_f(deltas.get('gptq'), '{:+.3f}')} | "
             f"{_f(ppl.get('strided'), '{:.3f}')} | {_f(deltas.get('strided'), '{:+.3f}')} | {mean_kl} | "
-            f"{_f(kl.get('mean_kl_stderr_windows'), '{:.5f}')} | {_f(drift.get('p99_kl'), '{:.4f}')} | "
+            f"{_f(drift.get('mean_kl_stderr_windows'), '{:.5f}')} | {_f(drift.get('p99_kl'), '{:.4f}')} | "
             f"{_f(drift.get('top1_agreement'), '{:.2%}')} | {_f(part['quantize_seconds'], '{:.1f}')} | "
             f"{_load(part)} |")
     lines += [
@@ -274,7 +221,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     causal_axes, encoder_axes = figure.subplots(1, 2)
     panels = [
         (causal_axes, "causal", lambda p: p["report"]["drift"] and p["report"]["drift"]["mean_kl"],
-         lambda p: p.get("kl", {}).get("mean_kl_stderr"), "mean KL(fp32 ‖ row), nats/token (bars: ± SE over tokens)",
+         lambda p: (p["report"].get("drift") or {}).get("mean_kl_stderr"), "mean KL(fp32 ‖ row), nats/token (bars: ± SE over tokens)",
          "SmolLM2-135M (weights on a Q4_1 grid): KL vs fp32"),
         (encoder_axes, "encoder", lambda p: 1 - p["drift"]["mean_cosine"], lambda p: None,
          "1 − mean cosine to fp32 embedding", "all-MiniLM-L6-v2 (float32): embedding drift"),

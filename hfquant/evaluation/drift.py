@@ -61,10 +61,20 @@ def drift(
             bar.update(len(batch))
 
     kl = torch.cat(kls)
+    window_means = torch.stack([k.mean() for k in kls])
     return DriftResult(
         mean_kl=kl.mean().item(),
         p99_kl=float(np.percentile(kl.numpy(), 99)),
         max_kl=kl.max().item(),
         top1_agreement=torch.cat(agreements).double().mean().item(),
         num_tokens=len(kl),
+        mean_kl_stderr=_stderr(kl),
+        mean_kl_stderr_windows=_stderr(window_means),
+        median_kl=kl.median().item(),
+        num_windows=len(kls),
     )
+
+
+def _stderr(values: torch.Tensor) -> float | None:
+    """Standard error of the mean of ``values`` (None for fewer than two)."""
+    return (values.std() / len(values) ** 0.5).item() if len(values) > 1 else None

@@ -23,13 +23,23 @@ class PerplexityResult:
 
 @dataclass
 class DriftResult:
-    """Per-token KL(base || model) statistics and top-1 agreement of next-token distributions."""
+    """Per-token KL(base || model) statistics and top-1 agreement of next-token distributions.
+
+    ``mean_kl_stderr`` treats tokens as independent (llama.cpp's ``Mean KLD ± x``); tokens of one
+    window are correlated, so ``mean_kl_stderr_windows`` takes per-window means as the independent
+    units (noisy itself with few windows). Two rows whose mean KLs differ by less than about two
+    standard errors are not separated by this evaluation.
+    """
 
     mean_kl: float
     p99_kl: float
     max_kl: float
     top1_agreement: float
     num_tokens: int
+    mean_kl_stderr: float | None = None
+    mean_kl_stderr_windows: float | None = None
+    median_kl: float | None = None
+    num_windows: int | None = None
 
 
 @dataclass

@@ -1,4 +1,5 @@
 import copy
+import statistics
 
 import pytest
 import torch
@@ -42,12 +43,15 @@ def reference_drift(model, base_model, input_ids, seqlen):
         kls.append(F.kl_div(log_probs, base_log_probs, log_target=True, reduction="none").sum(-1).flatten())
         agreements.append((log_probs.argmax(-1) == base_log_probs.argmax(-1)).flatten())
     kl = torch.cat(kls)
+    window_means = [k.mean().item() for k in kls]
     return (
         kl.mean().item(),
         torch.quantile(kl, 0.99).item(),
         kl.max().item(),
         torch.cat(agreements).double().mean().item(),
         len(kl),
+        statistics.stdev(kl.tolist()) / len(kl) ** 0.5,
+        statistics.stdev(window_means) / len(window_means) ** 0.5,
     )
 
 
@@ -62,7 +66,8 @@ def test_model_against_itself_has_no_drift(base_model, input_ids):
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_perturbed_model_matches_kl_div_reference(base_model, perturbed_model, input_ids, batch_size):
     with torch.inference_mode():
-        mean_kl, p99_kl, max_kl, top1, num_tokens = reference_drift(perturbed_model, base_model, input_ids, SEQLEN)
+        mean_kl, p99_kl, max_kl, top1, num_tokens, stderr, stderr_windows = reference_drift(
+            perturbed_model, base_model, input_ids, SEQLEN)
     assert 0 < top1 < 1, "perturbation should flip some but not all top-1 tokens"
     result = drift(perturbed_model, base_model, input_ids, SEQLEN, batch_size=batch_size, progress=False)
     assert result.mean_kl == pytest.approx(mean_kl, rel=1e-10)
@@ -70,6 +75,9 @@ def test_perturbed_model_matches_kl_div_reference(base_model, perturbed_model, i
     assert result.max_kl == pytest.approx(max_kl, rel=1e-10)
     assert result.top1_agreement == top1
     assert result.num_tokens == num_tokens
+    assert result.mean_kl_stderr == pytest.approx(stderr, rel=1e-9)
+    assert result.mean_kl_stderr_windows == pytest.approx(stderr_windows, rel=1e-9)
+    assert result.num_windows == 3
 
 
 def test_kl_direction_is_base_to_model(base_model, perturbed_model, input_ids):
