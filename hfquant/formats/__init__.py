@@ -67,7 +67,7 @@ def parse_spec(spec: str) -> WeightFormat:
     return make_format(name, **fields)
 
 
-from hfquant.formats import affine, floatcast  # noqa: E402,F401  (registers the built-in formats)
+from hfquant.formats import affine, binary, codebook, floatcast, fp8, ternary  # noqa: E402,F401  (registers the built-in formats)
 
 __all__ = ["QuantizedWeight", "TensorSpec", "WeightFormat", "format_from_dict", "format_names", "make_format",
            "parse_spec"]

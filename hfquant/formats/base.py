@@ -231,6 +231,8 @@ class WeightFormat:
 
     def check_stored(self, stored: Mapping[str, torch.Tensor], in_features: int) -> str | None:
         """What is wrong with a loaded layer's tensors (dtype, shape, values), or None."""
+        if "weight" not in stored:
+            return "tensor 'weight' is missing"
         out_features = stored["weight"].shape[0]
         for key, spec in self.specs(out_features, in_features).items():
             tensor = stored.get(key)
