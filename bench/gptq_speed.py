@@ -20,8 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, environment  # noqa: E402
 
 from hfquant.algorithms.gptq import GPTQOptions, gptq_quantize, layer_reconstruction_error  # noqa: E402
-from hfquant.formats import WeightFormat  # noqa: E402
-from hfquant.quantize import quantize  # noqa: E402
+from hfquant.formats import WeightFormat, make_format  # noqa: E402
 
 SHAPES = {"SmolLM2 q_proj 576x576": (576, 576), "SmolLM2 down_proj 576x1536": (576, 1536),
           "Llama-7B q_proj 4096x4096": (4096, 4096), "Llama-7B down_proj 4096x11008": (4096, 11008)}
@@ -41,7 +40,7 @@ def measure(device: str, out_f: int, in_f: int, fmt: WeightFormat, options: GPTQ
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     ratio = layer_reconstruction_error(W, q.dequantize().to(device), H) / layer_reconstruction_error(
-        W, quantize(W, fmt).dequantize().to(device), H)
+        W, fmt.quantize(W).dequantize().to(device), H)
     return {"seconds": seconds, "error_vs_rtn": ratio}
 
 
@@ -51,7 +50,7 @@ def main() -> None:
     parser.add_argument("--cpu-max-in", type=int, default=1536, help="skip larger shapes on CPU")
     args = parser.parse_args()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    fmt = WeightFormat(4, 128)
+    fmt = make_format("int4", group_size=128, sym=False)
     rows = []
     for name, (out_f, in_f) in SHAPES.items():
         for device in devices:

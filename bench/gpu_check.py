@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 HFQUANT_IMPORT_ERROR: str | None = None  # why the full package (with transformers) did not import
 
 
-def _import_kernels() -> tuple[Any, Any, Any, Any]:
+def _import_kernels() -> tuple[Any, Any, Any, Any, Any]:
     """hfquant's kernel modules; without transformers, skip the package's transformers-importing __init__."""
     global HFQUANT_IMPORT_ERROR
     try:
@@ -51,37 +51,54 @@ def _import_kernels() -> tuple[Any, Any, Any, Any]:
         stub.__path__ = [str(REPO / "hfquant")]
         sys.modules["hfquant"] = stub
     kernels = importlib.import_module("hfquant.nn.kernels")
-    formats = importlib.import_module("hfquant.formats")
-    quantize = importlib.import_module("hfquant.quantize")
+    affine = importlib.import_module("hfquant.formats.affine")
+    packing = importlib.import_module("hfquant.packing")
+    schemes = importlib.import_module("hfquant.schemes")
     qlinear = importlib.import_module("hfquant.nn.qlinear")
-    return kernels, formats, quantize, qlinear
+    return kernels, affine, packing, schemes, qlinear
 
 
-kernels, formats, quantize_mod, qlinear = _import_kernels()
-WeightFormat = formats.WeightFormat
+kernels, affine, packing, schemes, qlinear = _import_kernels()
+
+
+def _fmt(bits: int, group_size: int = 128, sym: bool = False) -> Any:
+    """An integer affine format (``hfquant.formats.affine.IntAffine``)."""
+    return affine.IntAffine(bits=bits, group_size=group_size, sym=sym)
+
+
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 X_SHAPES = ((1,), (7,), (2, 5))
 CASES = {  # kernel kind -> [(format, in_features)]
-    "int4pack": [(WeightFormat(4, g, s), k) for g, k in ((32, 256), (64, 256), (128, 256), (256, 512), (-1, 256),
+    "int4pack": [(_fmt(4, g, s), k) for g, k in ((32, 256), (64, 256), (128, 256), (256, 512), (-1, 256),
                                                          (128, 576), (128, 200), (512, 1024)) for s in (False, True)]
-    + [(WeightFormat(3, 128), 256), (WeightFormat(2, 64), 256), (WeightFormat(3, 64, True), 200)],
-    "int8pack": [(WeightFormat(8, -1, s), k) for s in (True, False) for k in (256, 200)],
+    + [(_fmt(3, 128), 256), (_fmt(2, 64), 256), (_fmt(3, 64, True), 200)],
+    "int8pack": [(_fmt(8, -1, s), k) for s in (True, False) for k in (256, 200)],
 }
 TIMING_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # (out, in)
 TIMING_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048)
 TIMING_FORMATS = {  # name -> (format, activation dtypes)
-    "int4 g128": (WeightFormat(4, 128), (torch.bfloat16,)),
-    "int8": (WeightFormat(8, -1, True), (torch.bfloat16, torch.float16, torch.float32)),
-    "int8 asym": (WeightFormat(8, -1, False), (torch.bfloat16,)),
-    "int3 g128 (widen)": (WeightFormat(3, 128), (torch.bfloat16,)),
+    "int4 g128": (_fmt(4, 128), (torch.bfloat16,)),
+    "int8": (_fmt(8, -1, True), (torch.bfloat16, torch.float16, torch.float32)),
+    "int8 asym": (_fmt(8, -1, False), (torch.bfloat16,)),
+    "int3 g128 (widen)": (_fmt(3, 128), (torch.bfloat16,)),
 }
 
 
 def _stored(fmt: Any, out_features: int, in_features: int, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(out_features, in_features, generator=gen) * 0.05 + 0.01
-    return {k: v.to(device) for k, v in quantize_mod.quantize(weight, fmt).packed().items()}
+    return {k: v.to(device) for k, v in fmt.quantize(weight).stored().items()}
+
+
+def _oracle_weight(stored: dict[str, torch.Tensor], fmt: Any, in_features: int) -> torch.Tensor:
+    """``(q - zero) * scale`` in float32, written out: generic unpacker, per-group values repeated over columns."""
+    codes = packing.unpack(stored["weight"], fmt.bits, in_features).float()
+    width = fmt.group_width(in_features)
+    scale = stored["weight_scale"].float().repeat_interleave(width, dim=1)[:, :in_features]
+    zero = stored["weight_zero"].float().repeat_interleave(width, dim=1)[:, :in_features] \
+        if "weight_zero" in stored else fmt.sym_zero
+    return (codes - zero) * scale
 
 
 def check_availability(device: str) -> dict[str, Any]:
@@ -91,7 +108,7 @@ def check_availability(device: str) -> dict[str, Any]:
             continue
         for dtype in DTYPES:
             out["kernel_works"][f"{kernel.name} {dtype}"] = kernels.kernel_works(kernel.name, device, dtype)
-    for fmt in (WeightFormat(4, 128), WeightFormat(8, -1, True), WeightFormat(8, -1), WeightFormat(3, 128)):
+    for fmt in (_fmt(4, 128), _fmt(8, -1, True), _fmt(8, -1), _fmt(3, 128)):
         for dtype in DTYPES:
             plan = kernels.plan_for(fmt, 4096, 4096, device, dtype)
             out["plan_for"][f"{fmt.name} {dtype}"] = (
@@ -113,7 +130,7 @@ def check_equivalence(device: str) -> list[dict[str, Any]]:
                 lay = kernel.layout(fmt, in_features, 48)
                 stored = _stored(fmt, 48, in_features, device)
                 tensors = kernel.pack(stored, fmt, lay, dtype)
-                weight = quantize_mod.dequantize_packed({k: v.cpu() for k, v in stored.items()}, fmt, in_features)
+                weight = _oracle_weight({k: v.cpu() for k, v in stored.items()}, fmt, in_features)
                 plan = kernels.Plan(kernel, kernels.Route(kernel.name, kernel.device_type, dtype), lay)
                 errors = []
                 for lead in X_SHAPES:
@@ -129,9 +146,9 @@ def check_equivalence(device: str) -> list[dict[str, Any]]:
 
 
 def check_move(device: str) -> dict[str, Any]:
-    fmt = WeightFormat(4, 128)
-    layer = qlinear.QuantLinear(256, 64, fmt, bias=True)
-    layer.load_quantized(quantize_mod.quantize(torch.randn(64, 256) * 0.05, fmt))
+    fmt = _fmt(4, 128)
+    layer = qlinear.QuantLinear(256, 64, schemes.LayerScheme(fmt), bias=True)
+    layer.load_quantized(fmt.quantize(torch.randn(64, 256) * 0.05))
     before = layer.prepare_kernel(torch.bfloat16)
     layer.to(device)
     after = layer.kernel_plan.kernel.name if layer.kernel_plan else "reference"
@@ -194,7 +211,7 @@ def _quantized_tiny_llama(device: str) -> torch.nn.Module:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    fmt = WeightFormat(4, 64)
+    fmt = _fmt(4, 64)
     if HFQUANT_IMPORT_ERROR is None:
         import tempfile
 
@@ -203,13 +220,13 @@ def _quantized_tiny_llama(device: str) -> torch.nn.Module:
         import hfquant
         with tempfile.TemporaryDirectory() as tmp:
             LlamaForCausalLM(config).save_pretrained(tmp)
-            qconfig = hfquant.HfQuantConfig(bits=fmt.bits, group_size=fmt.group_size)
+            qconfig = hfquant.HfQuantConfig(format=fmt.to_dict())
             return AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16, device_map=device,
                                                         quantization_config=qconfig)
     model = LlamaForCausalLM(config).eval()
     for name, linear in [(n, m) for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)]:
-        layer = qlinear.QuantLinear(linear.in_features, linear.out_features, fmt, bias=False)
-        layer.load_quantized(quantize_mod.quantize(linear.weight.detach(), fmt))
+        layer = qlinear.QuantLinear(linear.in_features, linear.out_features, schemes.LayerScheme(fmt), bias=False)
+        layer.load_quantized(fmt.quantize(linear.weight.detach()))
         parent, _, child = name.rpartition(".")
         setattr(model.model.layers.get_submodule(parent), child, layer)
     model.to(device=device, dtype=torch.bfloat16)

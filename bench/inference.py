@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, environment, rss_mib, write_results  # noqa: E402
 
 from hfquant.formats import WeightFormat  # noqa: E402
+from hfquant.formats.affine import IntAffine  # noqa: E402
 from hfquant.nn import kernels  # noqa: E402
-from hfquant.quantize import quantize  # noqa: E402
 
 # name -> (HfQuantConfig kwargs or None for float, activation dtype, kernels: "auto" as loaded,
 # "off" = reference path only (kernels released), "widen" = 2/3-bit codes widened onto the int4 kernel)
@@ -78,8 +78,11 @@ def best_ms(fn: Callable[[], object], repeats: int = 5, budget_s: float = 3.0) -
 # --micro: one layer, kernel vs reference
 # ------------------------------------------------------------------------------------------------
 
-MICRO_FORMATS = {"int8": WeightFormat(8, -1, sym=True), "int8 asym": WeightFormat(8, -1, sym=False),
-                 "int4 g128": WeightFormat(4, 128), "int3 g128": WeightFormat(3, 128), "int2 g64": WeightFormat(2, 64)}
+MICRO_FORMATS = {"int8": IntAffine(bits=8, group_size=-1, sym=True),
+                 "int8 asym": IntAffine(bits=8, group_size=-1, sym=False),
+                 "int4 g128": IntAffine(bits=4, group_size=128, sym=False),
+                 "int3 g128": IntAffine(bits=3, group_size=128, sym=False),
+                 "int2 g64": IntAffine(bits=2, group_size=64, sym=False)}
 MICRO_SHAPES = ((5632, 2048), (2048, 5632))  # (out, in): gate/up and down projections
 MICRO_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
 MICRO_DTYPES = ("bfloat16", "float32", "float16")
@@ -110,7 +113,7 @@ def micro(tokens: tuple[int, ...], dtypes: tuple[str, ...], formats: dict[str, W
         layers = []
         for out_features, in_features in MICRO_SHAPES:
             weight = torch.randn(out_features, in_features, generator=gen) * 0.02
-            layers.append((in_features, out_features, quantize(weight, fmt).packed()))
+            layers.append((in_features, out_features, fmt.quantize(weight).stored()))
         for dname in dtypes:
             dtype = getattr(torch, dname)
             plans = _micro_plans(fmt, layers, dtype)

@@ -9,7 +9,7 @@ import pytest
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
-import hfquant  # noqa: F401
+import hfquant
 from hfquant.cli import main
 from hfquant.nn.qlinear import QuantLinear
 from hfquant.workflows import EvalSettings, parse_spec
@@ -27,14 +27,16 @@ def text_file(tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
-        ("int8", dict(bits=8, group_size=-1)),
-        ("int4-g128", dict(bits=4, group_size=128)),
-        ("int3-gc-sym", dict(bits=3, group_size=-1, sym=True)),
-        ("gptq:int2-g64-asym", dict(bits=2, group_size=64, sym=False, method="gptq")),
+        ("int8", dict(format=dict(format="int8", group_size=-1, sym=True))),
+        ("int4-g128", dict(format=dict(format="int4", group_size=128, sym=False))),
+        ("int3-gc-sym", dict(format=dict(format="int3", group_size=-1, sym=True))),
+        ("gptq:int2-g64-asym", dict(format=dict(format="int2", group_size=64, sym=False), method="gptq")),
     ],
 )
 def test_parse_spec(spec: str, expected: dict) -> None:
     assert parse_spec(spec) == expected
+    config = hfquant.HfQuantConfig(**parse_spec(spec))  # the kwargs build the config they describe
+    assert config.weight_format.to_dict() == expected["format"] and config.method == expected.get("method", "rtn")
 
 
 def test_parse_spec_rejects_garbage() -> None:

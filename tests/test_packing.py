@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hfquant.packing import pack, packed_width, unit_layout, unpack
+from hfquant.packing import WORD_BITS, pack, packed_width, unit_layout, unpack, unpack_bytes
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -23,6 +23,20 @@ def test_layout_matches_a_plain_bitstream(bits: int) -> None:
     expected = [int(stream[k:k + 32][::-1], 2) for k in range(0, len(stream), 32)]
     got = [int(w) & 0xFFFFFFFF for w in pack(codes, bits)[0]]
     assert got == expected
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8, 16])
+@pytest.mark.parametrize("num_codes", [1, 7, 33, 576])
+def test_unpack_bytes_matches_unpack(bits: int, num_codes: int) -> None:
+    """The byte-wise unpacker (what formats decode with) gives every code of the generic one, padding included."""
+    codes = torch.randint(0, 2**bits, (5, num_codes), generator=torch.Generator().manual_seed(bits + num_codes))
+    words = pack(codes, bits)
+    fast = unpack_bytes(words, bits)
+    generic = unpack(words, bits, words.shape[-1] * WORD_BITS // bits)
+    assert fast.dtype == generic.dtype == (torch.int16 if bits == 16 else torch.uint8)
+    assert torch.equal(fast, generic)
+    assert torch.equal(fast[:, :num_codes].long() & (2**bits - 1), codes)
+    assert torch.all(fast[:, num_codes:] == 0)
 
 
 def test_density() -> None:

@@ -159,6 +159,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat
 
     Hinv = _upper_cholesky_of_inverse(H, options.damp_percent)
     codes = torch.zeros(rows, columns, dtype=torch.int32, device=W.device)
+    code_dtype = torch.int32  # becomes the dtype of the format's own codes (what fmt.quantize returns)
     for b0 in range(0, columns, options.block_size):
         b1 = min(b0 + options.block_size, columns)
         Wb = W[:, b0:b1].clone()  # this block, kept fully updated
@@ -173,12 +174,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat
             column_params = {k: v[:, g] for k, v in params.items()}
             code = fmt.round(w, column_params)
             codes[:, c] = code.to(torch.int32)
+            code_dtype = code.dtype
             err = (w - fmt.dequantize(code, column_params, torch.float32)) / Hinv[c, c]
             Wb[:, j:] -= err[:, None] * Hinv[c, c:b1][None, :]
             Err[:, j] = err
         W[:, b1:] -= Err @ Hinv[b0:b1, b1:]
 
-    codes = codes[:, torch.argsort(perm)]
+    codes = codes[:, torch.argsort(perm)].to(code_dtype)
     return QuantizedWeight(codes=codes, params={k: v.to(fmt.param_dtypes[k]) for k, v in params.items()}, fmt=fmt)
 
 

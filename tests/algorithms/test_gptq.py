@@ -7,14 +7,34 @@ from hfquant.algorithms import get_method
 from hfquant.algorithms.gptq import (
     GPTQOptions,
     HessianAccumulator,
-    clipped_qparams,
+    clipped_params,
     gptq_quantize,
     layer_reconstruction_error,
 )
-from hfquant.formats import WeightFormat
-from hfquant.quantize import QuantizedWeight, qparams, quantize, quantize_with
+from hfquant.formats import QuantizedWeight
+from hfquant.formats.affine import IntAffine
 
-FORMATS = [WeightFormat(bits, group, sym) for bits, group, sym in itertools.product((2, 3, 4, 8), (-1, 32, 48), (True, False))]
+FORMATS = [IntAffine(bits=bits, group_size=group, sym=sym)
+           for bits, group, sym in itertools.product((2, 3, 4, 8), (-1, 32, 48), (True, False))]
+
+
+def _fmt(bits: int, group_size: int = 128, sym: bool = False) -> IntAffine:
+    return IntAffine(bits=bits, group_size=group_size, sym=sym)
+
+
+def _grid(w: torch.Tensor, fmt: IntAffine) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and zero point of ``w`` (the format's full-range grid); symmetric: the fixed zero."""
+    params = fmt.choose_params(w)
+    return params["scale"], params.get("zero", torch.full_like(params["scale"], fmt.sym_zero))
+
+
+def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: IntAffine) -> torch.Tensor:
+    """Codes of ``w`` on the grid ``(scale, zero)``, written out: ``clamp(round(w / scale) + zero, 0, maxq)``."""
+    return torch.clamp(torch.round(w.float() / scale) + zero, 0, fmt.maxq)
+
+
+def _zero(q: QuantizedWeight) -> torch.Tensor | None:
+    return q.params.get("zero")
 
 
 def _problem(inp: int = 200, out: int = 32, n: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +57,7 @@ def _output_error(W: torch.Tensor, W_hat: torch.Tensor, X: torch.Tensor) -> floa
     return float(((W.double() - W_hat.double()) @ X.double().T).norm())
 
 
-def _reference_gptq(W: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, damp: float = 0.01,
+def _reference_gptq(W: torch.Tensor, H: torch.Tensor, fmt: IntAffine, damp: float = 0.01,
                     perm: torch.Tensor | None = None, static: QuantizedWeight | None = None) -> QuantizedWeight:
     """Textbook GPTQ, one column at a time, every later column updated at once (no lazy blocks).
 
@@ -57,26 +77,28 @@ def _reference_gptq(W: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, damp: f
     for c in range(columns):
         g = int(perm[c]) // width
         if static is not None:
-            scales[:, g] = static.scale[:, g].float()
-            zeros[:, g] = fmt.sym_zero if fmt.sym else static.zero[:, g].float()
+            scales[:, g] = static.params["scale"][:, g].float()
+            zeros[:, g] = fmt.sym_zero if fmt.sym else static.params["zero"][:, g].float()
         elif c % width == 0:
-            scales[:, g], zeros[:, g] = qparams(W[:, c:c + width], fmt)
-        codes[:, c] = quantize_with(W[:, c], scales[:, g], zeros[:, g], fmt)
+            scales[:, g], zeros[:, g] = _grid(W[:, c:c + width], fmt)
+        codes[:, c] = _round(W[:, c], scales[:, g], zeros[:, g], fmt)
         err = (W[:, c] - (codes[:, c] - zeros[:, g]) * scales[:, g]) / Hinv[c, c]
         W[:, c:] -= err[:, None] * Hinv[c, c:][None, :]
-    return QuantizedWeight(codes[:, torch.argsort(perm)].to(torch.uint8), scales.half(),
-                           None if fmt.sym else zeros.to(torch.uint8), fmt)
+    params = {"scale": scales.half()} if fmt.sym else {"scale": scales.half(), "zero": zeros.to(torch.uint8)}
+    return QuantizedWeight(codes[:, torch.argsort(perm)].to(torch.uint8), params, fmt)
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
-def test_beats_rtn_on_layer_output(fmt: WeightFormat) -> None:
+def test_beats_rtn_on_layer_output(fmt: IntAffine) -> None:
     W, X = _problem()
     q = gptq_quantize(W, _hessian(X), fmt)
     assert q.codes.shape == W.shape and q.codes.dtype == torch.uint8 and int(q.codes.max()) <= fmt.maxq
-    assert q.scale.shape == (W.shape[0], fmt.num_groups(W.shape[1])) and q.scale.dtype == torch.float16
-    assert (q.zero is None) == fmt.sym
+    scale = q.params["scale"]
+    assert scale.shape == (W.shape[0], fmt.num_groups(W.shape[1])) and scale.dtype == torch.float16
+    assert (_zero(q) is None) == fmt.sym
+    assert fmt.sym or (_zero(q).shape == scale.shape and _zero(q).dtype == torch.uint8)
     gptq_err = _output_error(W, q.dequantize(), X)
-    rtn_err = _output_error(W, quantize(W, fmt).dequantize(), X)
+    rtn_err = _output_error(W, fmt.quantize(W).dequantize(), X)
     assert gptq_err < rtn_err
 
 
@@ -84,18 +106,18 @@ def test_beats_rtn_on_layer_output(fmt: WeightFormat) -> None:
 @pytest.mark.parametrize("sym", [True, False])
 def test_identity_hessian_is_rtn(group: int, sym: bool) -> None:
     W, _ = _problem(inp=100)
-    fmt = WeightFormat(4, group, sym)
+    fmt = _fmt(4, group, sym)
     q = gptq_quantize(W, torch.eye(100), fmt, GPTQOptions(damp_percent=1e-6, block_size=16))
-    rtn = quantize(W, fmt)
+    rtn = fmt.quantize(W)
     assert torch.equal(q.codes, rtn.codes)
-    assert torch.equal(q.scale, rtn.scale)
-    assert (q.zero is None and rtn.zero is None) or torch.equal(q.zero, rtn.zero)
+    assert torch.equal(q.params["scale"], rtn.params["scale"])
+    assert (_zero(q) is None and _zero(rtn) is None) or torch.equal(_zero(q), _zero(rtn))
 
 
-@pytest.mark.parametrize("fmt", [WeightFormat(3, -1, False), WeightFormat(4, 32, True), WeightFormat(4, 48, False),
-                                 WeightFormat(2, 48, True)], ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", [_fmt(3, -1, False), _fmt(4, 32, True), _fmt(4, 48, False), _fmt(2, 48, True)],
+                         ids=lambda f: f.name)
 @pytest.mark.parametrize("block_size", [128, 7])
-def test_matches_column_by_column_reference(fmt: WeightFormat, block_size: int) -> None:
+def test_matches_column_by_column_reference(fmt: IntAffine, block_size: int) -> None:
     W, X = _problem(inp=150, seed=1)
     H = _hessian(X)
     q = gptq_quantize(W, H, fmt, GPTQOptions(block_size=block_size))
@@ -108,10 +130,10 @@ def test_matches_column_by_column_reference(fmt: WeightFormat, block_size: int) 
 def test_act_order_with_static_groups() -> None:
     W, X = _problem(seed=2)
     H = _hessian(X)
-    fmt = WeightFormat(3, 32, False)
+    fmt = _fmt(3, 32, False)
     q = gptq_quantize(W, H, fmt, GPTQOptions(act_order=True))
-    static = quantize(W, fmt)
-    assert torch.equal(q.scale, static.scale) and torch.equal(q.zero, static.zero)
+    static = fmt.quantize(W)
+    assert torch.equal(q.params["scale"], static.params["scale"]) and torch.equal(_zero(q), _zero(static))
     assert not torch.equal(q.codes, gptq_quantize(W, H, fmt).codes)
     # the result is in the original column order: it matches the reference run on permuted columns
     perm = torch.argsort(torch.diag(H), descending=True)
@@ -133,39 +155,41 @@ def test_act_order_needs_static_groups() -> None:
 
 def test_static_groups_without_act_order_use_original_weights() -> None:
     W, X = _problem(inp=96, seed=3)
-    fmt = WeightFormat(4, 32, True)
+    fmt = _fmt(4, 32, True)
     q = gptq_quantize(W, _hessian(X), fmt, GPTQOptions(static_groups=True))
-    assert torch.equal(q.scale, quantize(W, fmt).scale)
+    assert torch.equal(q.params["scale"], fmt.quantize(W).params["scale"])
 
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_dead_columns(act_order: bool) -> None:
     W, X = _problem(inp=64, seed=4)
     X[:, [5, 40]] = 0
-    fmt = WeightFormat(4, 32, False)
+    fmt = _fmt(4, 32, False)
     q = gptq_quantize(W, _hessian(X), fmt, GPTQOptions(act_order=act_order))
     W_hat = q.dequantize()
     assert torch.isfinite(W_hat).all()
     assert torch.all(W_hat[:, [5, 40]] == 0)
-    assert _output_error(W, W_hat, X) < _output_error(W, quantize(W, fmt).dequantize(), X)
+    assert _output_error(W, W_hat, X) < _output_error(W, fmt.quantize(W).dequantize(), X)
 
 
-@pytest.mark.parametrize("fmt", [WeightFormat(3, -1, False), WeightFormat(4, -1, True)], ids=lambda f: f.name)
-def test_clipped_qparams_never_worse_than_full_range(fmt: WeightFormat) -> None:
+@pytest.mark.parametrize("fmt", [_fmt(3, -1, False), _fmt(4, -1, True)], ids=lambda f: f.name)
+def test_clipped_params_never_worse_than_full_range(fmt: IntAffine) -> None:
     torch.manual_seed(5)
     w = torch.distributions.StudentT(2.0).sample((32, 128))
 
-    def norm_error(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        q = (quantize_with(w, scale[:, None], zero[:, None], fmt) - zero[:, None]) * scale[:, None]
+    def norm_error(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        scale = params["scale"]
+        zero = params.get("zero", torch.full_like(scale, fmt.sym_zero))
+        assert set(params) == set(fmt.param_dtypes) and scale.dtype == zero.dtype == torch.float32
+        q = (_round(w, scale[:, None], zero[:, None], fmt) - zero[:, None]) * scale[:, None]
         return (q - w).abs().pow(2.4).sum(dim=1)
 
-    clipped, full = norm_error(*clipped_qparams(w, fmt)), norm_error(*qparams(w, fmt))
+    clipped, full = norm_error(clipped_params(w, fmt)), norm_error(fmt.choose_params(w))
     assert torch.all(clipped <= full) and (clipped < 0.99 * full).float().mean() > 0.5
 
 
-@pytest.mark.parametrize("fmt", [WeightFormat(3, -1, False), WeightFormat(3, 32, True), WeightFormat(4, -1, True)],
-                         ids=lambda f: f.name)
-def test_mse_clip_helps_heavy_tailed_weights(fmt: WeightFormat) -> None:
+@pytest.mark.parametrize("fmt", [_fmt(3, -1, False), _fmt(3, 32, True), _fmt(4, -1, True)], ids=lambda f: f.name)
+def test_mse_clip_helps_heavy_tailed_weights(fmt: IntAffine) -> None:
     torch.manual_seed(6)
     _, X = _problem(inp=128, seed=6)
     W = torch.distributions.StudentT(2.5).sample((32, 128)) * 0.02
@@ -200,7 +224,7 @@ def test_invalid_options(kwargs: dict, field: str) -> None:
 def test_input_errors() -> None:
     W, X = _problem(inp=64)
     H = _hessian(X)
-    fmt = WeightFormat(4, 32)
+    fmt = _fmt(4, 32)
     with pytest.raises(ValueError, match="hessian has shape"):
         gptq_quantize(W, H[:32, :32], fmt)
     with pytest.raises(ValueError, match="non-finite"):

@@ -3,11 +3,13 @@ import itertools
 import pytest
 import torch
 
-from hfquant.formats import WeightFormat
+from affine_reference import decode as reference_decode
+from affine_reference import dequantize as reference_dequantize
+from affine_reference import expand_groups
+from hfquant.formats.affine import IntAffine
 from hfquant.packing import unpack
-from hfquant.quantize import dequantize_packed, expand_groups, quantize
 
-FORMATS = [WeightFormat(bits, group, sym)
+FORMATS = [IntAffine(bits=bits, group_size=group, sym=sym)
            for bits, group, sym in itertools.product((2, 3, 4, 8), (-1, 32, 128, 48), (True, False))]
 
 
@@ -17,37 +19,43 @@ def _weight(out: int = 24, inp: int = 200, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
-def test_error_within_grid_bound(fmt: WeightFormat) -> None:
+def test_error_within_grid_bound(fmt: IntAffine) -> None:
     w = _weight()  # 200 columns: not a multiple of 32, 48 or 128, so the last group is short
-    q = quantize(w, fmt)
+    q = fmt.quantize(w)
     assert q.codes.shape == w.shape and int(q.codes.max()) <= fmt.maxq
-    assert q.scale.shape == (w.shape[0], fmt.num_groups(w.shape[1])) and q.scale.dtype == torch.float16
-    assert (q.zero is None) == fmt.sym
-    scale = expand_groups(q.scale.float(), w.shape[1], fmt)
+    assert q.params["scale"].shape == (w.shape[0], fmt.num_groups(w.shape[1]))
+    assert q.params["scale"].dtype == torch.float16
+    assert ("zero" not in q.params) == fmt.sym
+    assert set(q.params) == ({"scale"} if fmt.sym else {"scale", "zero"})
+    scale = expand_groups(q.params["scale"].float(), w.shape[1], fmt)
     err = (q.dequantize() - w).abs()
     if fmt.sym:
         assert torch.all(err <= scale / 2 * (1 + 1e-5))
     else:  # inside the representable range: half a step; at its ends the rounded zero can cost a full step
-        zero = expand_groups(q.zero.float(), w.shape[1], fmt)
+        assert q.params["zero"].dtype == torch.uint8
+        zero = expand_groups(q.params["zero"].float(), w.shape[1], fmt)
         inside = (w >= -zero * scale) & (w <= (fmt.maxq - zero) * scale)
         assert torch.all(err[inside] <= scale[inside] / 2 * (1 + 1e-5))
         assert torch.all(err <= scale * (1 + 1e-5))
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
-def test_packed_round_trip_is_exact(fmt: WeightFormat) -> None:
+def test_packed_round_trip_is_exact(fmt: IntAffine) -> None:
     w = _weight(seed=1)
-    q = quantize(w, fmt)
-    stored = q.packed()
+    q = fmt.quantize(w)
+    stored = q.stored()
+    assert set(stored) == {"weight", *(f"weight_{p}" for p in q.params)}
     assert torch.equal(unpack(stored["weight"], fmt.bits, w.shape[1]), q.codes)
-    assert torch.equal(dequantize_packed(stored, fmt, w.shape[1]), q.dequantize())
+    # decoding the stored tensors == (codes - zero) * scale on the unpacked codes
+    assert torch.equal(fmt.decode(stored, w.shape[1]), reference_dequantize(q.codes, q.params, fmt))
+    assert torch.equal(reference_decode(stored, fmt, w.shape[1]), q.dequantize())
 
 
 def test_matches_a_reference_loop() -> None:
     """Element-by-element re-derivation of the asymmetric grid."""
-    fmt = WeightFormat(3, 16, sym=False)
+    fmt = IntAffine(bits=3, group_size=16, sym=False)
     w = _weight(4, 40, seed=2)
-    q = quantize(w, fmt)
+    q = fmt.quantize(w)
     for r in range(4):
         for g0 in range(0, 40, 16):
             cols = w[r, g0:g0 + 16]
@@ -59,29 +67,30 @@ def test_matches_a_reference_loop() -> None:
             for c in range(len(cols)):
                 code = min(max(round(float(cols[c]) / scale) + zero, 0), 7)
                 assert int(q.codes[r, g0 + c]) == code
-            assert float(q.scale[r, g0 // 16]) == scale and int(q.zero[r, g0 // 16]) == zero
+            assert float(q.params["scale"][r, g0 // 16]) == scale and int(q.params["zero"][r, g0 // 16]) == zero
 
 
 def test_constant_zero_group_is_exact() -> None:
     w = torch.zeros(3, 64)
     for sym in (True, False):
-        q = quantize(w, WeightFormat(4, 32, sym))
+        q = IntAffine(bits=4, group_size=32, sym=sym).quantize(w)
         assert torch.equal(q.dequantize(), w)
-        assert torch.all(q.scale > 0)
+        assert torch.all(q.params["scale"] > 0)
 
 
 def test_more_bits_less_error() -> None:
     w = _weight(seed=3)
-    errors = [float((quantize(w, WeightFormat(b, 64)).dequantize() - w).pow(2).mean()) for b in (2, 3, 4, 8)]
+    errors = [float((IntAffine(bits=b, group_size=64, sym=False).quantize(w).dequantize() - w).pow(2).mean())
+              for b in (2, 3, 4, 8)]
     assert errors == sorted(errors, reverse=True)
 
 
 def test_rejects_non_2d() -> None:
     with pytest.raises(ValueError, match="2-D"):
-        quantize(torch.zeros(4), WeightFormat(4))
+        IntAffine(bits=4).quantize(torch.zeros(4))
 
 
 @pytest.mark.parametrize("bad", [dict(bits=5), dict(bits=4, group_size=0)])
 def test_format_validation(bad: dict) -> None:
     with pytest.raises(ValueError):
-        WeightFormat(**bad)
+        IntAffine(**bad)

@@ -40,7 +40,7 @@ def test_gptq_beats_rtn_and_reloads_exactly(arch: str, tiny_checkpoints: dict, t
 
     gptq.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert saved["method"] == "gptq" and saved["damp_percent"] == 0.01
+    assert saved["method"] == "gptq" and saved["gptq"]["damp_percent"] == 0.01  # method options under its key
     assert saved["calibration"] == {"dataset": "tensor", "num_samples": 8, "seqlen": 48, "seed": 0}
     assert "dataset" not in saved and "tokenizer" not in saved
     again = AutoModelForCausalLM.from_pretrained(tmp_path)  # no calibration data needed

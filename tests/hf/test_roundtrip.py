@@ -61,7 +61,9 @@ def test_quantize_save_reload_in_fresh_process(arch: str, fmt: dict, tiny_checkp
 
     model.save_pretrained(tmp_path / "q")
     saved = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
-    assert saved["quant_method"] == "hfquant" and saved["bits"] == fmt["bits"]
+    assert saved["quant_method"] == "hfquant" and saved["format"] == f"int{fmt['bits']}"
+    assert saved["group_size"] == fmt["group_size"] and saved["sym"] == fmt.get("sym", fmt["bits"] == 8)
+    assert set(saved["plan"]["layers"]) == {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert "lm_head" in saved["modules_to_not_convert"] or arch in ("qwen2", "gpt2")  # tied: skipped by tie
     result = _run_fresh(RELOAD_SCRIPT.format(imports="import hfquant", ids=IDS.tolist()),
                         str(tmp_path / "q"), str(tmp_path / "logits.safetensors"))
@@ -96,7 +98,7 @@ def test_tied_embeddings_stay_tied_and_float(tiny_checkpoints: dict) -> None:
 def test_quantizing_a_tied_lm_head_is_refused(method: str, tiny_checkpoints: dict) -> None:
     # Its weight is the embeddings' (not in the checkpoint under lm_head): it would load unquantized garbage.
     config = hfquant.HfQuantConfig(bits=8, method=method, modules_to_not_convert=[])
-    with pytest.raises(ValueError, match=r"modules_to_not_convert=\[\] leaves \['lm_head'\].*tied"):
+    with pytest.raises(ValueError, match=r"the plan quantizes \['lm_head'\].*tied"):
         AutoModelForCausalLM.from_pretrained(tiny_checkpoints["qwen2"], quantization_config=config)
 
 

@@ -19,14 +19,18 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import AutoModelForCausalLM, CompileConfig
 
 import hfquant
-from hfquant.formats import WeightFormat
+from hfquant.formats.affine import IntAffine
 from hfquant.nn import kernels
 from hfquant.nn.qlinear import QuantLinear
-from hfquant.quantize import quantize
+from hfquant.schemes import LayerScheme
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 IDS = torch.tensor([[5, 17, 99, 3, 42, 64, 8, 120, 77, 1, 2, 31, 9]])
 NEW_TOKENS = 8
+
+
+def _fmt(bits: int, group_size: int = 128, sym: bool = False) -> IntAffine:
+    return IntAffine(bits=bits, group_size=group_size, sym=sym)
 
 
 @pytest.fixture(autouse=True)
@@ -36,10 +40,10 @@ def _fresh_dynamo() -> Iterator[None]:
     torch._dynamo.reset()
 
 
-def _layer(fmt: WeightFormat, in_features: int, out_features: int, dtype: torch.dtype, seed: int = 0) -> QuantLinear:
+def _layer(fmt: IntAffine, in_features: int, out_features: int, dtype: torch.dtype, seed: int = 0) -> QuantLinear:
     gen = torch.Generator().manual_seed(seed)
-    layer = QuantLinear(in_features, out_features, fmt, bias=True, dtype=dtype)
-    layer.load_quantized(quantize(torch.randn(out_features, in_features, generator=gen) * 0.05 + 0.01, fmt))
+    layer = QuantLinear(in_features, out_features, LayerScheme(fmt), bias=True, dtype=dtype)
+    layer.load_quantized(fmt.quantize(torch.randn(out_features, in_features, generator=gen) * 0.05 + 0.01))
     layer.bias.data.copy_(torch.randn(out_features, generator=gen))
     return layer
 
@@ -55,22 +59,22 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # (fmt, in_features, out_features, activation dtype, prepare: no / yes / widen, input leading dims, kernel or None)
 LAYER_CASES = {
-    "reference-int4g32-float32": (WeightFormat(4, 32), 256, 64, F32, "no", (2, 3), None),
-    "reference-int4g32-bfloat16": (WeightFormat(4, 32), 256, 64, BF16, "no", (2, 3), None),
+    "reference-int4g32-float32": (_fmt(4, 32), 256, 64, F32, "no", (2, 3), None),
+    "reference-int4g32-bfloat16": (_fmt(4, 32), 256, 64, BF16, "no", (2, 3), None),
     # 3-bit codes straddle bytes (the unpacker's per-code loop); 200 columns: a short last group
-    "reference-int3g48-float32": (WeightFormat(3, 48), 200, 40, F32, "no", (2, 3), None),
-    "reference-int3g48-bfloat16": (WeightFormat(3, 48), 200, 40, BF16, "no", (2, 3), None),
-    "reference-int8-float16": (WeightFormat(8, -1), 200, 40, F16, "no", (3,), None),
-    "int4pack-bfloat16-1token": (WeightFormat(4, 32), 256, 64, BF16, "yes", (1, 1), "int4pack-cpu"),
-    "int4pack-bfloat16-batch": (WeightFormat(4, 32), 256, 64, BF16, "yes", (2, 5), "int4pack-cpu"),
-    "int4pack-bfloat16-padded-input": (WeightFormat(4, 128), 200, 64, BF16, "yes", (1, 3), "int4pack-cpu"),
-    "int4pack-bfloat16-widened-3bit": (WeightFormat(3, 64, sym=True), 200, 48, BF16, "widen", (1, 2), "int4pack-cpu"),
-    "int4pack-float32-1token": (WeightFormat(4, 32), 256, 64, F32, "yes", (1, 1), "int4pack-cpu"),
-    "int8pack-bfloat16-sym": (WeightFormat(8, -1, sym=True), 200, 64, BF16, "yes", (1, 3), "int8pack-cpu"),
-    "int8pack-bfloat16-asym": (WeightFormat(8, -1), 200, 64, BF16, "yes", (1, 3), "int8pack-cpu"),  # zero correction
-    "int8pack-float32-1token-sym": (WeightFormat(8, -1, sym=True), 200, 64, F32, "yes", (1, 1), "int8pack-cpu"),
-    "int8pack-float32-1token-asym": (WeightFormat(8, -1), 200, 64, F32, "yes", (1, 1), "int8pack-cpu"),
-    "int8pack-float16-1token": (WeightFormat(8, -1, sym=True), 256, 64, F16, "yes", (1, 1), "int8pack-cpu"),
+    "reference-int3g48-float32": (_fmt(3, 48), 200, 40, F32, "no", (2, 3), None),
+    "reference-int3g48-bfloat16": (_fmt(3, 48), 200, 40, BF16, "no", (2, 3), None),
+    "reference-int8-float16": (_fmt(8, -1), 200, 40, F16, "no", (3,), None),
+    "int4pack-bfloat16-1token": (_fmt(4, 32), 256, 64, BF16, "yes", (1, 1), "int4pack-cpu"),
+    "int4pack-bfloat16-batch": (_fmt(4, 32), 256, 64, BF16, "yes", (2, 5), "int4pack-cpu"),
+    "int4pack-bfloat16-padded-input": (_fmt(4, 128), 200, 64, BF16, "yes", (1, 3), "int4pack-cpu"),
+    "int4pack-bfloat16-widened-3bit": (_fmt(3, 64, sym=True), 200, 48, BF16, "widen", (1, 2), "int4pack-cpu"),
+    "int4pack-float32-1token": (_fmt(4, 32), 256, 64, F32, "yes", (1, 1), "int4pack-cpu"),
+    "int8pack-bfloat16-sym": (_fmt(8, -1, sym=True), 200, 64, BF16, "yes", (1, 3), "int8pack-cpu"),
+    "int8pack-bfloat16-asym": (_fmt(8, -1), 200, 64, BF16, "yes", (1, 3), "int8pack-cpu"),  # zero correction
+    "int8pack-float32-1token-sym": (_fmt(8, -1, sym=True), 200, 64, F32, "yes", (1, 1), "int8pack-cpu"),
+    "int8pack-float32-1token-asym": (_fmt(8, -1), 200, 64, F32, "yes", (1, 1), "int8pack-cpu"),
+    "int8pack-float16-1token": (_fmt(8, -1, sym=True), 256, 64, F16, "yes", (1, 1), "int8pack-cpu"),
 }
 KERNEL_OPS = tuple(op for k in kernels.KERNELS.values() for op in k.ops)
 
@@ -110,8 +114,8 @@ def test_layer_compiles_in_one_graph_and_matches_eager(case: str) -> None:
 
 
 @pytest.mark.parametrize("mode", kernels.KERNEL_MODES)
-@pytest.mark.parametrize("fmt", [WeightFormat(4, 32), WeightFormat(8, -1)], ids=lambda f: f.name)
-def test_float32_layer_compiles_in_each_kernel_mode(fmt: WeightFormat, mode: str) -> None:
+@pytest.mark.parametrize("fmt", [_fmt(4, 32), _fmt(8, -1)], ids=lambda f: f.name)
+def test_float32_layer_compiles_in_each_kernel_mode(fmt: IntAffine, mode: str) -> None:
     layer = _layer(fmt, 256, 64, F32)
     name = layer.prepare_kernel(F32, mode=mode)
     assert name == ("reference" if mode == "off" else f"int{fmt.bits}pack-cpu")
@@ -126,7 +130,7 @@ def test_float32_layer_compiles_in_each_kernel_mode(fmt: WeightFormat, mode: str
 
 def test_compiled_layer_follows_token_limit_and_kernel_release() -> None:
     """Guards send each input to the path eager would take, with few recompiles."""
-    layer = _layer(WeightFormat(4, 32), 256, 64, BF16)
+    layer = _layer(_fmt(4, 32), 256, 64, BF16)
     assert layer.prepare_kernel(BF16) == "int4pack-cpu"
     limit = layer.kernel_plan.route.max_tokens
     counter = CompileCounterWithBackend("aot_eager")
@@ -150,7 +154,7 @@ def test_compiled_layer_follows_token_limit_and_kernel_release() -> None:
 
 def test_inductor_layer_matches_eager() -> None:
     """A real inductor compile: the int4 kernel at 1 token, the fused reference path past the token limit."""
-    layer = _layer(WeightFormat(4, 32), 256, 64, BF16)
+    layer = _layer(_fmt(4, 32), 256, 64, BF16)
     assert layer.prepare_kernel(BF16) == "int4pack-cpu"
     compiled = torch.compile(layer, fullgraph=True)
     gen = torch.Generator().manual_seed(3)

@@ -16,33 +16,39 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import hfquant
-from hfquant.formats import WeightFormat
+from affine_reference import decode as reference_decode
+from hfquant.formats.affine import IntAffine
 from hfquant.nn import kernels
 from hfquant.nn.qlinear import QuantLinear, prepare_for_inference
-from hfquant.quantize import dequantize_packed, quantize
+from hfquant.schemes import LayerScheme
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 DTYPES = list(TOLERANCE)
 X_SHAPES = [(1,), (7,), (2, 5)]  # leading dims of the input: 1 token, 7 tokens, a 3-D batch
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
+
+def _fmt(bits: int, group_size: int = 128, sym: bool = False) -> IntAffine:
+    return IntAffine(bits=bits, group_size=group_size, sym=sym)
+
+
 # (format, in_features): per channel, groups of 32..256, ragged last groups, groups torch splits.
-INT4_CASES = [(WeightFormat(4, g, sym), k) for (g, k), sym in itertools.product(
+INT4_CASES = [(_fmt(4, g, sym), k) for (g, k), sym in itertools.product(
     [(32, 256), (64, 256), (128, 256), (256, 512), (-1, 256), (128, 576), (128, 200), (512, 1024), (-1, 200)],
     (False, True))]
-WIDENED_CASES = [(WeightFormat(3, 128), 256), (WeightFormat(3, 64, sym=True), 200), (WeightFormat(2, 64), 256),
-                 (WeightFormat(2, 32, sym=True), 96)]
-INT8_CASES = [(WeightFormat(8, -1, sym), k) for sym, k in itertools.product((True, False), (256, 200, 33))]
+WIDENED_CASES = [(_fmt(3, 128), 256), (_fmt(3, 64, sym=True), 200), (_fmt(2, 64), 256),
+                 (_fmt(2, 32, sym=True), 96)]
+INT8_CASES = [(_fmt(8, -1, sym), k) for sym, k in itertools.product((True, False), (256, 200, 33))]
 KERNEL_CASES = {"int4pack": INT4_CASES + WIDENED_CASES, "int8pack": INT8_CASES}
 EVERY_KERNEL_CASE = pytest.mark.parametrize(
     "kind, fmt, in_features", [(kind, f, k) for kind, cases in KERNEL_CASES.items() for f, k in cases],
     ids=lambda v: getattr(v, "name", str(v)))
 
 
-def _stored(fmt: WeightFormat, out_features: int, in_features: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def _stored(fmt: IntAffine, out_features: int, in_features: int, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(out_features, in_features, generator=gen) * 0.05 + 0.01  # off-centre: asym zeros != mid
-    return quantize(weight, fmt).packed()
+    return fmt.quantize(weight).stored()
 
 
 def _relative_error(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> float:
@@ -50,7 +56,7 @@ def _relative_error(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) ->
     return float((got.double() - exact).abs().max() / exact.abs().max())
 
 
-def _check_kernel(kernel: kernels.Kernel, fmt: WeightFormat, in_features: int, dtype: torch.dtype,
+def _check_kernel(kernel: kernels.Kernel, fmt: IntAffine, in_features: int, dtype: torch.dtype,
                   device: str, compute_dtype: torch.dtype | None = None) -> None:
     """The kernel, run as a route for ``dtype`` activations computing in ``compute_dtype``, vs exact maths."""
     route = kernels.Route(kernel.name, device, dtype, compute_dtype=compute_dtype)
@@ -61,7 +67,7 @@ def _check_kernel(kernel: kernels.Kernel, fmt: WeightFormat, in_features: int, d
     assert layout is not None, f"{kernel.name} should take {fmt.name} with in_features={in_features}"
     stored = {k: v.to(device) for k, v in _stored(fmt, out_features, in_features).items()}
     tensors = kernel.pack(stored, fmt, layout, route.computes_in)
-    weight = dequantize_packed({k: v.cpu() for k, v in stored.items()}, fmt, in_features)
+    weight = reference_decode({k: v.cpu() for k, v in stored.items()}, fmt, in_features)
     plan = kernels.Plan(kernel, route, layout)
     gen = torch.Generator().manual_seed(1)
     for lead in X_SHAPES:
@@ -74,36 +80,36 @@ def _check_kernel(kernel: kernels.Kernel, fmt: WeightFormat, in_features: int, d
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @EVERY_KERNEL_CASE
-def test_cpu_kernel_matches_exact(kind: str, fmt: WeightFormat, in_features: int, dtype: torch.dtype) -> None:
+def test_cpu_kernel_matches_exact(kind: str, fmt: IntAffine, in_features: int, dtype: torch.dtype) -> None:
     _check_kernel(kernels.KERNELS[f"{kind}-cpu"], fmt, in_features, dtype, "cpu")
 
 
 @EVERY_KERNEL_CASE
-def test_cpu_kernel_on_float32_through_bfloat16(kind: str, fmt: WeightFormat, in_features: int) -> None:
+def test_cpu_kernel_on_float32_through_bfloat16(kind: str, fmt: IntAffine, in_features: int) -> None:
     _check_kernel(kernels.KERNELS[f"{kind}-cpu"], fmt, in_features, torch.float32, "cpu", torch.bfloat16)
 
 
 @CUDA
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @EVERY_KERNEL_CASE
-def test_cuda_kernel_matches_exact(kind: str, fmt: WeightFormat, in_features: int, dtype: torch.dtype) -> None:
+def test_cuda_kernel_matches_exact(kind: str, fmt: IntAffine, in_features: int, dtype: torch.dtype) -> None:
     _check_kernel(kernels.KERNELS[f"{kind}-cuda"], fmt, in_features, dtype, "cuda")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("fmt", [WeightFormat(b, g, s) for b, g, s in itertools.product((2, 3, 4, 8), (-1, 32, 48, 128),
+@pytest.mark.parametrize("fmt", [_fmt(b, g, s) for b, g, s in itertools.product((2, 3, 4, 8), (-1, 32, 48, 128),
                                                                                         (True, False))],
                          ids=lambda f: f.name)
-def test_fast_dequantize_is_bit_identical_to_oracle(fmt: WeightFormat, dtype: torch.dtype) -> None:
+def test_fast_dequantize_is_bit_identical_to_oracle(fmt: IntAffine, dtype: torch.dtype) -> None:
     stored = _stored(fmt, 24, 200)  # 200 columns: the last group is short for every group size here
-    assert torch.equal(kernels.dequantize_stored(stored, fmt, 200, dtype), dequantize_packed(stored, fmt, 200, dtype))
+    assert torch.equal(fmt.decode(stored, 200, dtype), reference_decode(stored, fmt, 200, dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_reference_forward_matches_exact(dtype: torch.dtype) -> None:
-    fmt = WeightFormat(3, 48)
-    layer = QuantLinear(200, 40, fmt, bias=True, dtype=dtype)
-    layer.load_quantized(quantize(torch.randn(40, 200) * 0.05, fmt))
+    fmt = _fmt(3, 48)
+    layer = QuantLinear(200, 40, LayerScheme(fmt), bias=True, dtype=dtype)
+    layer.load_quantized(fmt.quantize(torch.randn(40, 200) * 0.05))
     layer.bias.data.normal_()
     x = torch.randn(2, 5, 200, dtype=dtype)
     weight = torch.cat([layer.dequantized_weight(torch.float64), layer.bias.double()[:, None]], dim=1)
@@ -113,7 +119,7 @@ def test_reference_forward_matches_exact(dtype: torch.dtype) -> None:
 
 
 def test_reference_path_in_row_blocks_matches_whole(monkeypatch: pytest.MonkeyPatch) -> None:
-    fmt = WeightFormat(4, 32)
+    fmt = _fmt(4, 32)
     stored = _stored(fmt, 40, 200)
     bias = torch.randn(40)
     x = torch.randn(2, 3, 200)
@@ -133,22 +139,22 @@ def test_routes_name_known_kernels_of_their_device() -> None:
 
 
 @pytest.mark.parametrize("fmt, out_features, in_features, dtype, widen, expected", [
-    (WeightFormat(4, 128), 64, 256, torch.bfloat16, False, "int4pack-cpu"),
-    (WeightFormat(4, -1, sym=True), 64, 200, torch.bfloat16, False, "int4pack-cpu"),
-    (WeightFormat(8, -1, sym=True), 64, 256, torch.bfloat16, False, "int8pack-cpu"),
-    (WeightFormat(3, 128), 64, 256, torch.bfloat16, False, None),  # no 3-bit kernel
-    (WeightFormat(2, 64), 64, 256, torch.bfloat16, False, None),
-    (WeightFormat(3, 128), 64, 256, torch.bfloat16, True, "int4pack-cpu"),  # unless widening is allowed
-    (WeightFormat(8, 128, sym=True), 64, 256, torch.bfloat16, False, None),  # int8 kernel: per channel only
-    (WeightFormat(4, 48), 64, 256, torch.bfloat16, False, None),  # 48 is no multiple of 32
-    (WeightFormat(4, 16), 64, 256, torch.bfloat16, False, None),
-    (WeightFormat(4, 128), 40, 256, torch.bfloat16, False, None),  # out_features % 16
-    (WeightFormat(4, 128), 64, 256, torch.float32, False, "int4pack-cpu"),
-    (WeightFormat(8, -1, sym=True), 64, 256, torch.float32, False, "int8pack-cpu"),
-    (WeightFormat(8, -1, sym=True), 64, 256, torch.float16, False, "int8pack-cpu"),
-    (WeightFormat(4, 128), 64, 256, torch.float16, False, None),  # loses even at 1 token
+    (_fmt(4, 128), 64, 256, torch.bfloat16, False, "int4pack-cpu"),
+    (_fmt(4, -1, sym=True), 64, 200, torch.bfloat16, False, "int4pack-cpu"),
+    (_fmt(8, -1, sym=True), 64, 256, torch.bfloat16, False, "int8pack-cpu"),
+    (_fmt(3, 128), 64, 256, torch.bfloat16, False, None),  # no 3-bit kernel
+    (_fmt(2, 64), 64, 256, torch.bfloat16, False, None),
+    (_fmt(3, 128), 64, 256, torch.bfloat16, True, "int4pack-cpu"),  # unless widening is allowed
+    (_fmt(8, 128, sym=True), 64, 256, torch.bfloat16, False, None),  # int8 kernel: per channel only
+    (_fmt(4, 48), 64, 256, torch.bfloat16, False, None),  # 48 is no multiple of 32
+    (_fmt(4, 16), 64, 256, torch.bfloat16, False, None),
+    (_fmt(4, 128), 40, 256, torch.bfloat16, False, None),  # out_features % 16
+    (_fmt(4, 128), 64, 256, torch.float32, False, "int4pack-cpu"),
+    (_fmt(8, -1, sym=True), 64, 256, torch.float32, False, "int8pack-cpu"),
+    (_fmt(8, -1, sym=True), 64, 256, torch.float16, False, "int8pack-cpu"),
+    (_fmt(4, 128), 64, 256, torch.float16, False, None),  # loses even at 1 token
 ])
-def test_plan_for_cpu(fmt: WeightFormat, out_features: int, in_features: int, dtype: torch.dtype, widen: bool,
+def test_plan_for_cpu(fmt: IntAffine, out_features: int, in_features: int, dtype: torch.dtype, widen: bool,
                       expected: str | None) -> None:
     plan = kernels.plan_for(fmt, in_features, out_features, "cpu", dtype, widen)
     assert (plan and plan.kernel.name) == expected
@@ -156,7 +162,7 @@ def test_plan_for_cpu(fmt: WeightFormat, out_features: int, in_features: int, dt
 
 @pytest.mark.parametrize("bits, group_size", [(4, 128), (8, -1)])
 def test_kernel_modes_choose_what_may_run(bits: int, group_size: int) -> None:
-    fmt = WeightFormat(bits, group_size, sym=True)
+    fmt = _fmt(bits, group_size, sym=True)
     auto = kernels.plan_for(fmt, 256, 64, "cpu", torch.float32, mode="auto")
     assert auto.route.computes_in == torch.bfloat16 and auto.route.max_tokens > 1  # fast, bf16 rounding
     exact = kernels.plan_for(fmt, 256, 64, "cpu", torch.float32, mode="exact")
@@ -167,9 +173,9 @@ def test_kernel_modes_choose_what_may_run(bits: int, group_size: int) -> None:
 
 
 def test_token_limit_routes_large_inputs_to_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    fmt = WeightFormat(4, 32)
-    layer = QuantLinear(64, 32, fmt, bias=False)
-    layer.load_quantized(quantize(torch.randn(32, 64), fmt))
+    fmt = _fmt(4, 32)
+    layer = QuantLinear(64, 32, LayerScheme(fmt), bias=False)
+    layer.load_quantized(fmt.quantize(torch.randn(32, 64)))
     assert layer.prepare_kernel(torch.bfloat16) == "int4pack-cpu"
     limit = layer.kernel_plan.route.max_tokens
     calls = []
@@ -188,9 +194,9 @@ def test_token_limit_routes_large_inputs_to_reference(monkeypatch: pytest.Monkey
 
 
 def _layer(in_features: int = 64, out_features: int = 32) -> QuantLinear:
-    fmt = WeightFormat(4, 32)
-    layer = QuantLinear(in_features, out_features, fmt, bias=True)
-    layer.load_quantized(quantize(torch.randn(out_features, in_features), fmt))
+    fmt = _fmt(4, 32)
+    layer = QuantLinear(in_features, out_features, LayerScheme(fmt), bias=True)
+    layer.load_quantized(fmt.quantize(torch.randn(out_features, in_features)))
     return layer
 
 
@@ -216,7 +222,7 @@ def test_moving_or_casting_repacks() -> None:
 
 
 def test_meta_layers_stay_on_reference() -> None:
-    layer = QuantLinear(64, 32, WeightFormat(4, 32), device="meta")
+    layer = QuantLinear(64, 32, LayerScheme(_fmt(4, 32)), device="meta")
     assert layer.prepare_kernel(torch.bfloat16) == "reference"
 
 
