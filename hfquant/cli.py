@@ -17,6 +17,7 @@ from huggingface_hub import HfApi
 from transformers import AutoTokenizer
 
 from hfquant import workflows
+from hfquant.algorithms import get_method
 from hfquant.bundled.model import MODEL_NAME, ArtefactError, cache_root
 from hfquant.evaluation import markdown_table
 from hfquant.hf.saving import check_output_folder, save_quantized
@@ -45,11 +46,22 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1)
 
 
+# calibration flags of `quantize` -> HfQuantConfig field; their parser default is None ("not given")
+_CALIBRATION_FLAGS = {"calib_dataset": "dataset", "num_samples": "num_samples", "calib_seqlen": "seqlen",
+                      "seed": "seed"}
+
+
 def _quant_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs: dict[str, Any] = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, method=args.method)
-    if args.method != "rtn":
-        kwargs.update(dataset=args.calib_dataset, num_samples=args.num_samples, seqlen=args.calib_seqlen,
-                      seed=args.seed)
+    """HfQuantConfig keyword arguments of `quantize`; calibration flags given to an uncalibrated method
+    (rtn) are an error, as ``HfQuantConfig(dataset=...)`` is in the API."""
+    kwargs: dict[str, Any] = {"bits": args.bits, "group_size": args.group_size, "sym": args.sym,
+                              "method": args.method}
+    given = {flag: value for flag, value in ((f, getattr(args, f)) for f in _CALIBRATION_FLAGS) if value is not None}
+    if given and not get_method(args.method).calibrated:
+        flags = ", ".join(f"--{flag.replace('_', '-')}" for flag in given)
+        raise ValueError(f"{flags} given, but --method {args.method} uses no calibration data; drop "
+                         f"{'it' if len(given) == 1 else 'them'} or use a calibrated method (e.g. --method gptq)")
+    kwargs.update({_CALIBRATION_FLAGS[flag]: value for flag, value in given.items()})
     return kwargs
 
 
@@ -118,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("out")
     _add_format_args(quantize)
     quantize.add_argument("--calib-dataset", default=None, help="calibration text (default: bundled corpus)")
+    quantize.set_defaults(num_samples=None, calib_seqlen=None, seed=None)  # None = not given (HfQuantConfig default)
     quantize.add_argument("--overwrite", action="store_true",
                           help="replace OUT even if it is a non-empty folder that is not an hfquant checkpoint "
                                "(its contents are deleted once the new checkpoint is in place)")

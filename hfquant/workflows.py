@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -29,9 +30,23 @@ PROTOCOLS = ("gptq", "strided")
 _SPEC = re.compile(r"(?:(?P<method>[a-z]+):)?int(?P<bits>\d+)(?:-g(?P<group>\d+|c))?(?:-(?P<sym>sym|asym))?")
 
 
-def resolve_model(model: str | None) -> str:
-    """A local folder or Hub id; ``None`` means the bundled SmolLM2-135M (built once into the cache)."""
-    return str(bundled_model_path()) if model is None else model
+def resolve_model(model: str | os.PathLike | None) -> str:
+    """A local folder or Hub id; ``None`` means the bundled SmolLM2-135M (built once into the cache).
+
+    A ``model`` that can only be a local path (absolute, starting with ``.`` or ``~``, more than one
+    ``/``) but is no folder raises ``FileNotFoundError`` (``NotADirectoryError`` for a file) naming it,
+    instead of transformers' "Repo id must be in the form ..." for a Hub id.
+    """
+    if model is None:
+        return str(bundled_model_path())
+    text = os.fspath(model)
+    if os.path.isdir(os.path.expanduser(text)):
+        return text
+    if os.path.exists(os.path.expanduser(text)):
+        raise NotADirectoryError(f"MODEL={text!r} is a file; expected a model folder or a Hub id")
+    if isinstance(model, os.PathLike) or os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1:
+        raise FileNotFoundError(f"MODEL={text!r}: no such folder (and not a Hub id 'name' or 'namespace/name')")
+    return text
 
 
 def parse_spec(spec: str) -> dict[str, Any]:

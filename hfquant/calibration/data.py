@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from datasets import Dataset, DatasetDict, Features, List, Value, load_dataset
+from datasets.exceptions import DatasetGenerationError
 
 from hfquant.validation import require_int
 
@@ -411,7 +412,13 @@ def _load_files(paths: list[str]) -> Dataset:
     builder = FILE_BUILDERS[Path(paths[0]).suffix.lower()]
     # text files: one paragraph a row, so that joining rows with JOINER gives back the text
     kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-    return load_dataset(builder, data_files=paths, split="train", **kwargs)
+    try:
+        return load_dataset(builder, data_files=paths, split="train", **kwargs)
+    except DatasetGenerationError as error:  # a file that does not parse: say which and why
+        cause = error.__cause__ or error.__context__ or error
+        kind = "JSON" if builder == "json" else builder
+        raise ValueError(f"source file(s) {paths} could not be read as {kind}: {type(cause).__name__}: {cause}") \
+            from error
 
 
 def _load_preset(name: str, split: str) -> Dataset:
