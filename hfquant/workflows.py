@@ -96,11 +96,16 @@ def eval_tokens(tokenizer: Any, settings: EvalSettings) -> torch.Tensor:
 
 def load(model: str | None, quant_kwargs: dict[str, Any] | None = None,
          device_map: str | None = None) -> tuple[PreTrainedModel, float]:
-    """Load (and quantize, when ``quant_kwargs`` is given) a causal LM; returns it and the seconds taken."""
-    config = HfQuantConfig(**quant_kwargs) if quant_kwargs else None
+    """Load (and quantize, when ``quant_kwargs`` is given) a causal LM; returns it and the seconds taken.
+
+    Without ``quant_kwargs`` no ``quantization_config`` is passed at all, so a saved hfquant checkpoint
+    loads with the config in its ``config.json`` (passing ``None`` would drop it).
+    """
+    kwargs: dict[str, Any] = {"device_map": device_map}
+    if quant_kwargs:
+        kwargs["quantization_config"] = HfQuantConfig(**quant_kwargs)
     start = time.perf_counter()
-    loaded = AutoModelForCausalLM.from_pretrained(resolve_model(model), quantization_config=config,
-                                                  device_map=device_map)
+    loaded = AutoModelForCausalLM.from_pretrained(resolve_model(model), **kwargs)
     return loaded.eval(), time.perf_counter() - start
 
 
