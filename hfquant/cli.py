@@ -17,8 +17,10 @@ from huggingface_hub import HfApi
 from transformers import AutoTokenizer
 
 from hfquant import workflows
+from hfquant.algorithms import get_method
+from hfquant.bundled.model import MODEL_NAME, ArtefactError, cache_root
 from hfquant.evaluation import markdown_table
-from hfquant.hf.saving import save_quantized
+from hfquant.hf.saving import check_output_folder, save_quantized
 
 DEFAULT_SPECS = ["int8", "int4-g128", "int3-g128", "int2-g64"]
 
@@ -44,11 +46,22 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1)
 
 
+# calibration flags of `quantize` -> HfQuantConfig field; their parser default is None ("not given")
+_CALIBRATION_FLAGS = {"calib_dataset": "dataset", "num_samples": "num_samples", "calib_seqlen": "seqlen",
+                      "seed": "seed"}
+
+
 def _quant_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs: dict[str, Any] = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, method=args.method)
-    if args.method != "rtn":
-        kwargs.update(dataset=args.calib_dataset, num_samples=args.num_samples, seqlen=args.calib_seqlen,
-                      seed=args.seed)
+    """HfQuantConfig keyword arguments of `quantize`; calibration flags given to an uncalibrated method
+    (rtn) are an error, as ``HfQuantConfig(dataset=...)`` is in the API."""
+    kwargs: dict[str, Any] = {"bits": args.bits, "group_size": args.group_size, "sym": args.sym,
+                              "method": args.method}
+    given = {flag: value for flag, value in ((f, getattr(args, f)) for f in _CALIBRATION_FLAGS) if value is not None}
+    if given and not get_method(args.method).calibrated:
+        flags = ", ".join(f"--{flag.replace('_', '-')}" for flag in given)
+        raise ValueError(f"{flags} given, but --method {args.method} uses no calibration data; drop "
+                         f"{'it' if len(given) == 1 else 'them'} or use a calibrated method (e.g. --method gptq)")
+    kwargs.update({_CALIBRATION_FLAGS[flag]: value for flag, value in given.items()})
     return kwargs
 
 
@@ -59,10 +72,15 @@ def _eval_settings(args: argparse.Namespace) -> workflows.EvalSettings:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
+    kwargs = _quant_kwargs(args)
+    # OUT is checked before anything is built, downloaded, loaded or quantized
+    model_folder = args.model if args.model is not None else cache_root() / "models" / MODEL_NAME
+    check_output_folder(args.out, model_folder, args.overwrite)
     path = workflows.resolve_model(args.model)
-    model, seconds = workflows.load(path, _quant_kwargs(args))
+    model, seconds = workflows.load(path, kwargs)
     print(f"quantized {path} in {seconds:.1f} s")
-    out = save_quantized(model, args.out, tokenizer=AutoTokenizer.from_pretrained(path))
+    out = save_quantized(model, args.out, tokenizer=AutoTokenizer.from_pretrained(path), overwrite=args.overwrite,
+                         model_path=path)
     print(f"saved to {out}")
 
 
@@ -112,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("out")
     _add_format_args(quantize)
     quantize.add_argument("--calib-dataset", default=None, help="calibration text (default: bundled corpus)")
+    quantize.set_defaults(num_samples=None, calib_seqlen=None, seed=None)  # None = not given (HfQuantConfig default)
+    quantize.add_argument("--overwrite", action="store_true",
+                          help="replace OUT even if it is a non-empty folder that is not an hfquant checkpoint "
+                               "(its contents are deleted once the new checkpoint is in place)")
     quantize.set_defaults(func=cmd_quantize)
 
     evaluate = sub.add_parser("eval", help="perplexity of MODEL, and drift from --base")
@@ -140,10 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a user can cause (bad values, missing or unwritable paths, unreachable presets or Hub, broken JSON,
+# failed downloads of the bundled artefacts): one line on stderr, exit status 2. Anything else is a bug
+# and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, ArtefactError)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         raise SystemExit(2) from error
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__

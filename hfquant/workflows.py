@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +30,23 @@ from hfquant.stats import storage_stats
 PROTOCOLS = ("gptq", "strided")
 
 
-def resolve_model(model: str | None) -> str:
-    """A local folder or Hub id; ``None`` means the bundled SmolLM2-135M (built once into the cache)."""
-    return str(bundled_model_path()) if model is None else model
+def resolve_model(model: str | os.PathLike | None) -> str:
+    """A local folder or Hub id; ``None`` means the bundled SmolLM2-135M (built once into the cache).
+
+    A ``model`` that can only be a local path (absolute, starting with ``.`` or ``~``, more than one
+    ``/``) but is no folder raises ``FileNotFoundError`` (``NotADirectoryError`` for a file) naming it,
+    instead of transformers' "Repo id must be in the form ..." for a Hub id.
+    """
+    if model is None:
+        return str(bundled_model_path())
+    text = os.fspath(model)
+    if os.path.isdir(os.path.expanduser(text)):
+        return text
+    if os.path.exists(os.path.expanduser(text)):
+        raise NotADirectoryError(f"MODEL={text!r} is a file; expected a model folder or a Hub id")
+    if isinstance(model, os.PathLike) or os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1:
+        raise FileNotFoundError(f"MODEL={text!r}: no such folder (and not a Hub id 'name' or 'namespace/name')")
+    return text
 
 
 def parse_spec(spec: str) -> dict[str, Any]:
@@ -76,11 +91,16 @@ def eval_tokens(tokenizer: Any, settings: EvalSettings) -> torch.Tensor:
 
 def load(model: str | None, quant_kwargs: dict[str, Any] | None = None,
          device_map: str | None = None) -> tuple[PreTrainedModel, float]:
-    """Load (and quantize, when ``quant_kwargs`` is given) a causal LM; returns it and the seconds taken."""
-    config = HfQuantConfig(**quant_kwargs) if quant_kwargs else None
+    """Load (and quantize, when ``quant_kwargs`` is given) a causal LM; returns it and the seconds taken.
+
+    Without ``quant_kwargs`` no ``quantization_config`` is passed at all, so a saved hfquant checkpoint
+    loads with the config in its ``config.json`` (passing ``None`` would drop it).
+    """
+    kwargs: dict[str, Any] = {"device_map": device_map}
+    if quant_kwargs:
+        kwargs["quantization_config"] = HfQuantConfig(**quant_kwargs)
     start = time.perf_counter()
-    loaded = AutoModelForCausalLM.from_pretrained(resolve_model(model), quantization_config=config,
-                                                  device_map=device_map)
+    loaded = AutoModelForCausalLM.from_pretrained(resolve_model(model), **kwargs)
     return loaded.eval(), time.perf_counter() - start
 
 

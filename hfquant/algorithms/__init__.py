@@ -16,6 +16,9 @@ The config validates options against the dataclass, so a new method is one file 
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +26,7 @@ from typing import Any
 import torch
 
 from hfquant.formats import QuantizedWeight, WeightFormat
+from hfquant.validation import MAX_INT, require_bool, require_choice, require_float, require_int
 
 
 @dataclass(frozen=True)
@@ -36,14 +40,61 @@ class Method:
     solver: Callable[[Any, dict[str, WeightFormat]], Any] | None = None  # calibrated methods: a LayerwiseSolver
     description: str = ""  # one sentence for model cards
 
+    def __post_init__(self) -> None:
+        _option_types(self.options)  # an unsupported annotation is a bug of the method: fail at registration
+
     def parse_options(self, given: dict[str, Any]) -> Any:
-        """Build the options dataclass, rejecting names the method does not know."""
-        known = {f.name for f in dataclasses.fields(self.options)}
-        unknown = sorted(set(given) - known)
+        """Build the options dataclass, rejecting names the method does not know and values whose type
+        does not match the field's annotation (``ValueError`` naming the option; numpy scalars become
+        Python ones). Ranges are the dataclass's own ``__post_init__`` checks, run afterwards."""
+        types = _option_types(self.options)
+        unknown = sorted(set(given) - set(types))
         if unknown:
             raise ValueError(f"method={self.name!r} does not take option(s) {unknown}; "
-                             f"its options are {sorted(known) or 'none'}")
-        return self.options(**given)
+                             f"its options are {sorted(types) or 'none'}")
+        return self.options(**{name: check_option(name, value, types[name]) for name, value in given.items()})
+
+
+def _option_types(options: type) -> dict[str, Any]:
+    """``{field: annotation}`` of an options dataclass; each must be ``bool``, ``int``, ``float`` or a
+    ``Literal[...]`` of choices, optionally ``| None``."""
+    if not dataclasses.is_dataclass(options):
+        raise TypeError(f"options={options!r} must be a dataclass")
+    hints = typing.get_type_hints(options)
+    types = {}
+    for field in dataclasses.fields(options):
+        annotation = hints[field.name]
+        base, _ = _split_optional(annotation)
+        if not (base in (bool, int, float) or typing.get_origin(base) is typing.Literal):
+            raise TypeError(f"option {field.name!r} of {options.__name__} is annotated {annotation!r}; supported: "
+                            "bool, int, float or Literal[...], each optionally | None")
+        types[field.name] = annotation
+    return types
+
+
+def _split_optional(annotation: Any) -> tuple[Any, bool]:
+    """``(X, True)`` for ``X | None`` / ``Optional[X]``, else ``(annotation, False)``."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(members) == 1 and len(members) < len(typing.get_args(annotation)):
+            return members[0], True
+    return annotation, False
+
+
+def check_option(name: str, value: Any, annotation: Any) -> Any:
+    """``value`` checked against ``annotation`` (see :func:`_option_types`) and normalised; ``ValueError``
+    naming ``name`` otherwise: a bool is only ``True``/``False``, an int is not a bool, a float is a finite
+    real number (ints accepted) and not a bool, ``None`` only where the annotation allows it."""
+    base, optional = _split_optional(annotation)
+    if value is None and optional:
+        return None
+    if base is bool:
+        return require_bool(name, value)
+    if base is int:
+        return require_int(name, value, minimum=-MAX_INT - 1)
+    if base is float:
+        return require_float(name, value, -math.inf, math.inf)
+    return require_choice(name, value, typing.get_args(base))
 
 
 _METHODS: dict[str, Method] = {}

