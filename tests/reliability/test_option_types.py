@@ -13,6 +13,7 @@ import pytest
 from hfquant import HfQuantConfig
 from hfquant.algorithms import Method
 from hfquant.algorithms.gptq import GPTQOptions
+from hfquant.algorithms.rtn import round_to_nearest
 
 
 @pytest.mark.parametrize(("option", "value"), [
@@ -58,7 +59,7 @@ class _Options:
 
 
 def test_parse_options_follows_any_methods_annotations() -> None:
-    method = Method(name="custom", calibrated=False, options=_Options)
+    method = Method(name="custom", calibrated=False, options=_Options, quantize=round_to_nearest)
     assert method.parse_options({"strength": 2, "steps": None, "mode": "exact"}) == _Options(2.0, None, "exact")
     for option, value in [("strength", True), ("strength", "1"), ("steps", 1.0), ("steps", False), ("mode", "slow"),
                           ("verbose", "yes"), ("mode", None), ("strength", None)]:
@@ -72,4 +73,4 @@ def test_unsupported_option_annotation_is_refused_at_registration() -> None:
         table: dict = None
 
     with pytest.raises(TypeError, match="table"):
-        Method(name="weird", calibrated=False, options=Weird)
+        Method(name="weird", calibrated=False, options=Weird, quantize=round_to_nearest)

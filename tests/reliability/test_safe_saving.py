@@ -172,9 +172,9 @@ def test_unwritable_parent_is_one_error_line_before_loading(tiny_checkpoints: di
 
 
 def test_hfquant_checkpoint_is_replaced_without_overwrite(tiny_checkpoints: dict, quantized: Path) -> None:
-    assert json.loads((quantized / "config.json").read_text())["quantization_config"]["bits"] == 8
+    assert json.loads((quantized / "config.json").read_text())["quantization_config"]["format"] == "int8"
     main(["quantize", str(tiny_checkpoints["llama"]), str(quantized), "--bits", "4", "--group-size", "32"])
-    assert json.loads((quantized / "config.json").read_text())["quantization_config"]["bits"] == 4
+    assert json.loads((quantized / "config.json").read_text())["quantization_config"]["format"] == "int4"
     assert _leftovers(quantized.parent) == []
 
 
@@ -288,7 +288,7 @@ def test_sigkilled_save_is_cleaned_up_or_restored(tiny_checkpoints: dict, quanti
 
     model = _quantized_model(tiny_checkpoints)
     save_quantized(model, quantized)  # the next run: restores/cleans, then saves
-    assert json.loads((quantized / "config.json").read_text())["quantization_config"]["bits"] == 4
+    assert json.loads((quantized / "config.json").read_text())["quantization_config"]["format"] == "int4"
     assert _leftovers(parent) == [foreign.name] and _tree(foreign) == {"mine.txt": b"user data"}
 
 
