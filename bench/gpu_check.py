@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 HFQUANT_IMPORT_ERROR: str | None = None  # why the full package (with transformers) did not import
 
 
-def _import_kernels() -> tuple[Any, Any, Any, Any, Any]:
+def _import_kernels() -> tuple[Any, Any, Any, Any, Any, Any]:
     """hfquant's kernel modules; without transformers, skip the package's transformers-importing __init__."""
     global HFQUANT_IMPORT_ERROR
     try:
@@ -52,13 +52,14 @@ def _import_kernels() -> tuple[Any, Any, Any, Any, Any]:
         sys.modules["hfquant"] = stub
     kernels = importlib.import_module("hfquant.nn.kernels")
     affine = importlib.import_module("hfquant.formats.affine")
+    fp8 = importlib.import_module("hfquant.formats.fp8")
     packing = importlib.import_module("hfquant.packing")
     schemes = importlib.import_module("hfquant.schemes")
     qlinear = importlib.import_module("hfquant.nn.qlinear")
-    return kernels, affine, packing, schemes, qlinear
+    return kernels, affine, fp8, packing, schemes, qlinear
 
 
-kernels, affine, packing, schemes, qlinear = _import_kernels()
+kernels, affine, fp8, packing, schemes, qlinear = _import_kernels()
 
 
 def _fmt(bits: int, group_size: int = 128, sym: bool = False) -> Any:
@@ -74,7 +75,10 @@ CASES = {  # kernel kind -> [(format, in_features)]
                                                          (128, 576), (128, 200), (512, 1024)) for s in (False, True)]
     + [(_fmt(3, 128), 256), (_fmt(2, 64), 256), (_fmt(3, 64, True), 200)],
     "int8pack": [(_fmt(8, -1, s), k) for s in (True, False) for k in (256, 200)],
+    "fp8-scaled-mm": [(fp8.FP8(group_size=-1), k) for k in (256, 576, 4096)],
 }
+# fp8-scaled-mm rounds the activations to e4m3 as well (W8A8): its bound is that rounding, 2**-4 relative
+KIND_TOLERANCE = {"fp8-scaled-mm": 5e-2}
 TIMING_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # (out, in)
 TIMING_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048)
 TIMING_FORMATS = {  # name -> (format, activation dtypes)
@@ -82,6 +86,7 @@ TIMING_FORMATS = {  # name -> (format, activation dtypes)
     "int8": (_fmt(8, -1, True), (torch.bfloat16, torch.float16, torch.float32)),
     "int8 asym": (_fmt(8, -1, False), (torch.bfloat16,)),
     "int3 g128 (widen)": (_fmt(3, 128), (torch.bfloat16,)),
+    "fp8 (W8A8)": (fp8.FP8(group_size=-1), (torch.bfloat16,)),
 }
 
 
@@ -92,7 +97,10 @@ def _stored(fmt: Any, out_features: int, in_features: int, device: str, seed: in
 
 
 def _oracle_weight(stored: dict[str, torch.Tensor], fmt: Any, in_features: int) -> torch.Tensor:
-    """``(q - zero) * scale`` in float32, written out: generic unpacker, per-group values repeated over columns."""
+    """``(q - zero) * scale`` in float32, written out: generic unpacker, per-group values repeated over columns;
+    fp8 (per channel): the codes' float8 values times the row scale."""
+    if isinstance(fmt, fp8.FP8):
+        return stored["weight"].view(fmt.torch_dtype).float() * stored["weight_scale"].float()
     codes = packing.unpack(stored["weight"], fmt.bits, in_features).float()
     width = fmt.group_width(in_features)
     scale = stored["weight_scale"].float().repeat_interleave(width, dim=1)[:, :in_features]
@@ -108,7 +116,7 @@ def check_availability(device: str) -> dict[str, Any]:
             continue
         for dtype in DTYPES:
             out["kernel_works"][f"{kernel.name} {dtype}"] = kernels.kernel_works(kernel.name, device, dtype)
-    for fmt in (_fmt(4, 128), _fmt(8, -1, True), _fmt(8, -1), _fmt(3, 128)):
+    for fmt in (_fmt(4, 128), _fmt(8, -1, True), _fmt(8, -1), _fmt(3, 128), fp8.FP8(group_size=-1)):
         for dtype in DTYPES:
             plan = kernels.plan_for(fmt, 4096, 4096, device, dtype)
             out["plan_for"][f"{fmt.name} {dtype}"] = (
@@ -119,7 +127,9 @@ def check_availability(device: str) -> dict[str, Any]:
 def check_equivalence(device: str) -> list[dict[str, Any]]:
     rows = []
     for kind, cases in CASES.items():
-        kernel = kernels.KERNELS[f"{kind}-{torch.device(device).type}"]
+        kernel = kernels.KERNELS.get(f"{kind}-{torch.device(device).type}")
+        if kernel is None:  # no such kernel on this device type (fp8-scaled-mm is CUDA only)
+            continue
         for (fmt, in_features), dtype in ((c, d) for c in cases for d in DTYPES):
             row: dict[str, Any] = {"kernel": kernel.name, "format": fmt.name, "in_features": in_features,
                                    "dtype": str(dtype)}
@@ -138,7 +148,7 @@ def check_equivalence(device: str) -> list[dict[str, Any]]:
                     got = plan.linear(x, tensors, None).double().cpu().reshape(-1, 48)
                     exact = x.double().cpu().reshape(-1, in_features) @ weight.double().T
                     errors.append(float((got - exact).abs().max() / exact.abs().max()))
-                row.update(max_rel_error=max(errors), ok=max(errors) < TOLERANCE[dtype])
+                row.update(max_rel_error=max(errors), ok=max(errors) < KIND_TOLERANCE.get(kind, TOLERANCE[dtype]))
             except Exception as exc:  # noqa: BLE001 (record and carry on)
                 row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             rows.append(row)

@@ -17,23 +17,54 @@ from huggingface_hub import HfApi
 from transformers import AutoTokenizer
 
 from hfquant import workflows
-from hfquant.algorithms import get_method
+from hfquant.algorithms import get_method, method_names
 from hfquant.bundled.model import MODEL_NAME, ArtefactError, cache_root
 from hfquant.evaluation import markdown_table
+from hfquant.formats import format_names
 from hfquant.hf.saving import check_output_folder, save_quantized
 
 DEFAULT_SPECS = ["int8", "int4-g128", "int3-g128", "int2-g64"]
 
 
 def _add_format_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
-    parser.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = per channel")
+    parser.add_argument("--format", default=None, metavar="NAME",
+                        help=f"weight format, one of: {', '.join(format_names())} (default int4)")
+    parser.add_argument("--bits", type=int, default=None, help="shorthand for --format intN (N = 2, 3, 4, 8)")
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="columns per scale; -1 = per channel (default: the format's own, e.g. 128 for int4)")
     parser.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None,
-                        help="symmetric grid (default: symmetric at 8 bits, asymmetric below)")
-    parser.add_argument("--method", default="rtn", help="rtn (no data) or gptq (calibrated)")
-    parser.add_argument("--num-samples", type=int, default=128, help="calibration samples (gptq)")
-    parser.add_argument("--calib-seqlen", type=int, default=2048, help="calibration sequence length (gptq)")
-    parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed (gptq)")
+                        help="symmetric integer grid (default: symmetric at 8 bits, asymmetric below)")
+    parser.add_argument("--rules", default=None, metavar="RULES.json", type=_read_rules,
+                        help="per-layer overrides: a JSON object {pattern: format name | {scheme fields} | null}, "
+                             "first match wins (see README, 'Per-layer rules')")
+    _add_method_arg(parser)
+
+
+def _add_method_arg(parser: argparse.ArgumentParser) -> None:
+    methods = "; ".join(f"{name}: {get_method(name).description.rstrip('.')}" for name in method_names())
+    parser.add_argument("--method", default="rtn", help=f"{methods} (default rtn)")
+
+
+def _add_calibration_args(parser: argparse.ArgumentParser) -> None:
+    """Calibration flags; their default None means "not given" (HfQuantConfig's default)."""
+    parser.add_argument("--calib-dataset", default=None, help="calibration text (default: bundled corpus)")
+    parser.add_argument("--num-samples", type=int, default=None, help="calibration samples (default 128)")
+    parser.add_argument("--calib-seqlen", type=int, default=None, help="calibration sequence length (default 2048)")
+    parser.add_argument("--seed", type=int, default=None, help="calibration sampling seed (default 0)")
+
+
+def _read_rules(path: str) -> dict[str, Any]:
+    """The JSON object of a ``--rules`` file, in file order (the order is the precedence)."""
+    try:
+        rules = json.loads(Path(path).read_text())
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot read {path!r}: {error.strerror or error}") from error
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{path!r} is not JSON: {error}") from error
+    if not isinstance(rules, dict):
+        raise argparse.ArgumentTypeError(f"{path!r} holds a {type(rules).__name__}; expected a JSON object "
+                                         '{"pattern": "int8" | {"format": ..., "group_size": ...} | null, ...}')
+    return rules
 
 
 def _add_eval_args(parser: argparse.ArgumentParser) -> None:
@@ -54,15 +85,23 @@ _CALIBRATION_FLAGS = {"calib_dataset": "dataset", "num_samples": "num_samples", 
 def _quant_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """HfQuantConfig keyword arguments of `quantize`; calibration flags given to an uncalibrated method
     (rtn) are an error, as ``HfQuantConfig(dataset=...)`` is in the API."""
-    kwargs: dict[str, Any] = {"bits": args.bits, "group_size": args.group_size, "sym": args.sym,
-                              "method": args.method}
-    given = {flag: value for flag, value in ((f, getattr(args, f)) for f in _CALIBRATION_FLAGS) if value is not None}
+    kwargs: dict[str, Any] = {"format": args.format, "bits": args.bits, "group_size": args.group_size,
+                              "sym": args.sym, "rules": args.rules, "method": args.method}
+    given = _calibration_kwargs(args)
     if given and not get_method(args.method).calibrated:
-        flags = ", ".join(f"--{flag.replace('_', '-')}" for flag in given)
-        raise ValueError(f"{flags} given, but --method {args.method} uses no calibration data; drop "
+        raise ValueError(f"{_flags(given)} given, but --method {args.method} uses no calibration data; drop "
                          f"{'it' if len(given) == 1 else 'them'} or use a calibrated method (e.g. --method gptq)")
-    kwargs.update({_CALIBRATION_FLAGS[flag]: value for flag, value in given.items()})
-    return kwargs
+    return {**kwargs, **given}
+
+
+def _calibration_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The calibration flags given, as HfQuantConfig keyword arguments."""
+    return {field: getattr(args, flag) for flag, field in _CALIBRATION_FLAGS.items() if getattr(args, flag) is not None}
+
+
+def _flags(kwargs: dict[str, Any]) -> str:
+    by_field = {field: flag for flag, field in _CALIBRATION_FLAGS.items()}
+    return ", ".join(f"--{by_field[field].replace('_', '-')}" for field in kwargs)
 
 
 def _eval_settings(args: argparse.Namespace) -> workflows.EvalSettings:
@@ -97,9 +136,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    extra = {"num_samples": args.num_samples, "seqlen": args.calib_seqlen, "dataset": args.calib_dataset} \
-        if any(spec.startswith("gptq:") for spec in args.configs) else None
-    result = workflows.compare(args.model, args.configs, _eval_settings(args), args.out, quant_extra=extra)
+    calibrated = any(get_method(workflows.parse_spec(spec).get("method", "rtn")).calibrated for spec in args.configs)
+    given = _calibration_kwargs(args)
+    if given and not calibrated:
+        raise ValueError(f"{_flags(given)} given, but no spec of --configs uses a calibrated method "
+                         "(e.g. gptq:int4-g128)")
+    extra = {"rules": args.rules} if args.rules else {}
+    result = workflows.compare(args.model, args.configs, _eval_settings(args), args.out, quant_extra=extra,
+                               calibration_extra=given)
     print(result.table)
     print(f"table, plot and JSON in {args.out}")
 
@@ -129,8 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("model", nargs="?", default=None)
     quantize.add_argument("out")
     _add_format_args(quantize)
-    quantize.add_argument("--calib-dataset", default=None, help="calibration text (default: bundled corpus)")
-    quantize.set_defaults(num_samples=None, calib_seqlen=None, seed=None)  # None = not given (HfQuantConfig default)
+    _add_calibration_args(quantize)
     quantize.add_argument("--overwrite", action="store_true",
                           help="replace OUT even if it is a non-empty folder that is not an hfquant checkpoint "
                                "(its contents are deleted once the new checkpoint is in place)")
@@ -145,11 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     comp = sub.add_parser("compare", help="quantize MODEL in several configurations; Markdown table + PNG plot")
     comp.add_argument("model", nargs="?", default=None)
-    comp.add_argument("--configs", nargs="+", default=DEFAULT_SPECS,
-                      help="e.g. int8 int4-g128 int3-gc-sym gptq:int4-g128 (default: %(default)s)")
+    comp.add_argument("--configs", nargs="+", default=DEFAULT_SPECS, metavar="SPEC",
+                      help=f"[method:]format[-gN|-gc][-sym|-asym], methods {method_names()}, formats "
+                           f"{format_names()}; e.g. nf4-g64 ternary fp8 gptq:int4-g128 (default: %(default)s)")
     comp.add_argument("--out", default="hfquant-compare")
-    _add_format_args(comp)
-    comp.add_argument("--calib-dataset", default=None)
+    comp.add_argument("--rules", default=None, metavar="RULES.json", type=_read_rules,
+                      help="per-layer overrides applied to every spec (as for quantize)")
+    _add_calibration_args(comp)
     _add_eval_args(comp)
     comp.set_defaults(func=cmd_compare)
 

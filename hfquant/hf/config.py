@@ -19,6 +19,8 @@ loads: its plan is resolved from its saved ``modules_to_not_convert``, its forma
 from __future__ import annotations
 
 import dataclasses
+import json
+import numbers
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -27,7 +29,7 @@ from hfquant.algorithms import get_method
 from hfquant.formats import FORMAT_FIELD
 from hfquant.formats.affine import BITS
 from hfquant.formats.base import FORMAT_NAMES
-from hfquant.nn.kernels import check_mode
+from hfquant.nn.kernels import KERNEL_MODES
 from hfquant.plan import QuantPlan, ResolvedPlan, plan_from_rules
 from hfquant.schemes import LayerScheme, scheme_from_value
 from hfquant.validation import require_choice, require_int, require_pattern
@@ -93,9 +95,10 @@ class HfQuantConfig(QuantizationConfigMixin):
         quant_method: str = QUANT_METHOD,
         **options: Any,
     ) -> None:
-        if quant_method != QUANT_METHOD:
+        if not isinstance(quant_method, str) or quant_method != QUANT_METHOD:
             raise ValueError(f"quant_method={quant_method!r} is not allowed; HfQuantConfig is {QUANT_METHOD!r}")
-        if isinstance(format_version, bool) or format_version not in READABLE_VERSIONS:
+        if (isinstance(format_version, bool) or not isinstance(format_version, numbers.Integral)
+                or format_version not in READABLE_VERSIONS):
             raise ValueError(f"format_version={format_version!r} is not supported by this hfquant; "
                              f"allowed: {READABLE_VERSIONS} (upgrade hfquant to load newer checkpoints)")
         self.quant_method = quant_method
@@ -103,8 +106,9 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.method = get_method(method).name
         format_fields, method_options = self._split_options(format, bits, options)
         self.default_scheme = _default_scheme(format, bits, group_size, sym, format_fields)
-        self.rules = _normalise_rules(rules)
-        self.quant_plan: QuantPlan = plan_from_rules(self.default_scheme, self.rules)
+        rules = _normalise_rules(rules)
+        self.quant_plan: QuantPlan = plan_from_rules(self.default_scheme, rules)
+        self.rules = _checked_rules(rules, self.quant_plan)
         self.plan = None if plan is None else ResolvedPlan.from_dict(plan)
         self.options = get_method(method).parse_options(method_options)
         if modules_to_not_convert is not None:
@@ -120,9 +124,10 @@ class HfQuantConfig(QuantizationConfigMixin):
             raise ValueError(f"dataset={dataset!r} was given but method={method!r} uses no calibration data")
         self.dataset = dataset
         self.tokenizer = tokenizer
-        check_mode(kernels)
-        self.kernels = kernels
-        self.calibration = calibration  # provenance, filled in when a calibrated method ran
+        self.kernels = require_choice("kernels", kernels, KERNEL_MODES)
+        self.calibration = _check_calibration(calibration)  # provenance, filled in when a calibrated method ran
+        if base_model is not None and not isinstance(base_model, str):
+            raise ValueError(f"base_model={base_model!r} is not allowed; expected None or a model name or path")
         self.base_model = base_model  # provenance, filled in when the model was quantized
 
     def _split_options(self, format: Any, bits: Any, options: dict[str, Any]) -> tuple[dict, dict]:  # noqa: A002
@@ -134,7 +139,9 @@ class HfQuantConfig(QuantizationConfigMixin):
                 raise ValueError(f"{self.method}={saved!r} is not allowed; expected a dict of {self.method} options")
             options = {**saved, **options}
         name = format.get(FORMAT_FIELD) if isinstance(format, dict) else format
-        entry = FORMAT_NAMES.get(name if name is not None or bits is not None else DEFAULT_FORMAT)
+        if name is None and bits is None:
+            name = DEFAULT_FORMAT
+        entry = FORMAT_NAMES.get(name) if isinstance(name, str) else None  # a bad name fails in _default_scheme
         fields = {f.name for f in dataclasses.fields(entry.cls)} if entry else set()
         return ({k: v for k, v in options.items() if k in fields},
                 {k: v for k, v in options.items() if k not in fields})
@@ -151,7 +158,9 @@ class HfQuantConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict[str, Any]:
         """What lands in ``config.json``: no calibration data; method options under the method's name."""
         out: dict[str, Any] = {"quant_method": self.quant_method, "format_version": self.format_version,
-                               **self.default_scheme.weight.to_dict(), "rules": self.rules, "method": self.method}
+                               **self.default_scheme.weight.to_dict(), "method": self.method,
+                               # pairs, not a mapping: config.json is written with sorted keys, and order is precedence
+                               "rules": None if self.rules is None else [list(rule) for rule in self.rules.items()]}
         method_options = dataclasses.asdict(self.options)
         if method_options:
             out[self.method] = method_options
@@ -172,8 +181,10 @@ def _default_scheme(format: Any, bits: Any, group_size: Any, sym: Any,  # noqa: 
         if format is not None:
             raise ValueError(f"bits={bits!r} and format={format!r} were both given; allowed: one of them "
                              "(bits=N is shorthand for format='intN')")
-        format = f"int{require_choice('bits', require_int('bits', bits, 0), BITS)}"
-    value = dict(format) if isinstance(format, dict) else {FORMAT_FIELD: format or DEFAULT_FORMAT}
+        if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):  # 4.0 == 4, but is not an int
+            raise ValueError(f"bits={bits!r} is not allowed; expected one of {BITS} (an integer)")
+        format = f"int{require_choice('bits', int(bits), BITS)}"
+    value = dict(format) if isinstance(format, dict) else {FORMAT_FIELD: DEFAULT_FORMAT if format is None else format}
     for key, given in (("group_size", group_size), ("sym", sym), *fields.items()):
         if given is not None:
             value[key] = given
@@ -181,12 +192,43 @@ def _default_scheme(format: Any, bits: Any, group_size: Any, sym: Any,  # noqa: 
 
 
 def _normalise_rules(rules: Any) -> dict[str, Any] | None:
-    """Rules as an ordered dict (a list of ``[pattern, value]`` pairs is accepted too)."""
+    """Rules as an ordered dict (a list of ``[pattern, value]`` pairs is accepted too, each pattern once)."""
     if rules is None:
         return None
     if isinstance(rules, (list, tuple)) and all(isinstance(r, (list, tuple)) and len(r) == 2 for r in rules):
+        patterns = [require_pattern("rules", pattern) for pattern, _ in rules]
+        repeated = sorted({p for p in patterns if patterns.count(p) > 1})
+        if repeated:
+            raise ValueError(f"rules: pattern(s) {repeated} are given more than once; allowed: each pattern once "
+                             "(the first matching rule wins)")
         rules = dict(rules)
     if not isinstance(rules, dict):
         raise ValueError(f"rules={rules!r} is not allowed; expected an ordered mapping "
                          "{pattern: format name | dict of format fields | None}")
     return dict(rules)
+
+
+def _checked_rules(rules: dict[str, Any] | None, plan: QuantPlan) -> dict[str, Any] | None:
+    """The rules as given, each value in its checked Python form (numpy scalars would not serialise)."""
+    if rules is None:
+        return None
+    checked = {}
+    for (pattern, value), (_, scheme) in zip(rules.items(), plan.rules):
+        if isinstance(value, dict):
+            value = {key: str(value[key]) if key == FORMAT_FIELD else getattr(scheme.weight, key) for key in value}
+        checked[str(pattern)] = str(value) if isinstance(value, str) else value
+    return checked
+
+
+def _check_calibration(calibration: Any) -> dict[str, Any] | None:
+    """Provenance as saved in ``config.json``: ``None`` or a JSON-serialisable dict."""
+    if calibration is None:
+        return None
+    if isinstance(calibration, dict):
+        try:
+            json.dumps(calibration, allow_nan=False)
+            return calibration
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(f"calibration={calibration!r} is not allowed; expected None or a JSON-serialisable dict "
+                     "(provenance that hfquant fills in)")

@@ -37,6 +37,7 @@ class HfQuantQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: Any, keep_in_fp32_modules: list[str] | None = None,
                                              checkpoint_files: list[str] | None = None, **kwargs: Any) -> None:
+        verify.require_safetensors(checkpoint_files or [])
         config = self.quantization_config
         requested = config.modules_to_not_convert
         skip = sorted(self.get_modules_to_not_convert(model, requested, keep_in_fp32_modules))

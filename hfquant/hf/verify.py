@@ -41,6 +41,16 @@ def _canonical(data: object) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
+def require_safetensors(files: Iterable[str]) -> None:
+    """hfquant reads weights only from safetensors: a pickle-based file (``.bin``, ``.pt``, ``.pth``,
+    ``.ckpt``) is refused before anything is read from it, as it could run code when unpickled."""
+    pickled = [str(f) for f in files if not str(f).endswith(".safetensors")]
+    if pickled:
+        raise ValueError(f"checkpoint file(s) {pickled[:3]} are not safetensors; hfquant loads weights only from "
+                         "safetensors (a pickle-based file can run code when loaded). Convert the model in an "
+                         "environment you trust (load it, then save_pretrained, which writes safetensors)")
+
+
 def verify_checkpoint(files: Iterable[str], shapes: dict[str, tuple[int, int]], plan: ResolvedPlan,
                       require_metadata: bool) -> None:
     """``ValueError`` naming the layer and tensor when the checkpoint does not match ``plan``.

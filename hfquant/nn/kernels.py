@@ -27,12 +27,18 @@ Kernels (each a :class:`Kernel` value; the op names are torch's):
 
       y = x @ ((q - z) * s).T = s * (x @ (q - 128).T) - sum_k(x_k) * ((z - 128) * s)
 
+* ``fp8-scaled-mm-cuda`` — ``aten._scaled_mm`` (cuBLASLt float8 GEMM, compute capability 8.9+):
+  ``fp8-e4m3`` weights with per-channel scales, used as they are stored (a view, no copy). The
+  activations are rounded to e4m3 too, with one float32 scale per token chosen at run time
+  (``max|x| / 448``), so this kernel is W8A8 and never ``"exact"``; its extra error, measured on
+  the bundled model through torch's CPU ``_scaled_mm``, is in ``bench/results/fp8_route.md``.
+
 Kernels take a layer by its format, not its bit width: any format whose decoding is affine in
 the code (``w = (q - zero) · scale``; it defines ``affine(params)``: the integer formats, ternary,
 binary) with codes of a width the kernel takes. Codes of fewer than 4 bits (int2/int3, ternary,
 binary) fit the int4 kernels too (the same maths), but widening them to 4 bits costs memory, so it
-is opt-in (``widen=True``). Formats without an affine form (fp8, nf4, fp4, fp16, bf16) run the
-reference path.
+is opt-in (``widen=True``). The fp8 kernel takes e4m3 codes (``codes="fp8-e4m3"``); the other
+formats (fp8-e5m2, grouped fp8, nf4, fp4, fp16, bf16) run the reference path.
 
 :data:`ROUTES` is the dispatch table: for a device type and activation dtype, which kernel to
 try, in order, and up to how many tokens (rows of the flattened input) it beats the reference
@@ -59,6 +65,7 @@ import torch.nn.functional as F
 
 from hfquant.formats import WeightFormat
 from hfquant.formats.affine import IntAffine
+from hfquant.formats.fp8 import FP8
 
 Tensors = dict[str, torch.Tensor]
 
@@ -126,11 +133,19 @@ class Kernel:
     matmul: Callable[[torch.Tensor, Tensors, Layout], torch.Tensor]
     widen_bits: tuple[int, ...] = ()  # narrower code widths it can take by widening (more memory)
     ops: tuple[str, ...] = ()  # aten ops it needs; missing ones make it unavailable
+    codes: str = "affine"  # what decoding it takes: "affine" (w = (q - zero) * scale) or "fp8-e4m3"
+    quantizes_input: bool = False  # rounds the activations to a narrower type itself (never "exact")
 
     def takes(self, fmt: WeightFormat, widen: bool) -> bool:
-        if not hasattr(fmt, "affine"):
+        if not _CODE_KINDS[self.codes](fmt):
             return False
         return fmt.code_bits in self.bits or (widen and fmt.code_bits in self.widen_bits)
+
+
+_CODE_KINDS: dict[str, Callable[[WeightFormat], bool]] = {
+    "affine": lambda fmt: hasattr(fmt, "affine"),
+    "fp8-e4m3": lambda fmt: getattr(fmt, "torch_dtype", None) == torch.float8_e4m3fn,
+}
 
 
 _INT4_GROUPS = (256, 128, 64, 32)  # what torch's int4 kernels accept, largest first
@@ -239,6 +254,31 @@ def _matmul_int8(x2d: torch.Tensor, tensors: Tensors, lay: Layout) -> torch.Tens
     return y
 
 
+def _fp8_layout(fmt: WeightFormat, in_features: int, out_features: int) -> Layout | None:
+    """Per-channel scales only (the kernel scales whole output rows); cuBLASLt wants multiples of 16."""
+    if fmt.num_groups(in_features) != 1 or in_features % 16 or out_features % 16:
+        return None
+    return Layout(in_features=in_features, padded_in=in_features)
+
+
+def _pack_fp8(stored: Tensors, fmt: WeightFormat, lay: Layout, dtype: torch.dtype) -> Tensors:
+    return {"weight": stored["weight"].view(torch.float8_e4m3fn).contiguous(),
+            "scale": fmt.stored_params(stored)["scale"].float().reshape(1, -1).contiguous()}
+
+
+_E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
+
+
+def _matmul_fp8(x2d: torch.Tensor, tensors: Tensors, lay: Layout) -> torch.Tensor:
+    """``torch._scaled_mm`` with the activations rounded to float8 e4m3, one float32 scale per token
+    (dynamic, like the weight's per channel): ``y = (sx · fp8(x / sx)) @ (sw · q).T``."""
+    x = x2d.float()
+    x_scale = (x.abs().amax(dim=1, keepdim=True) / _E4M3_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    x_fp8 = (x / x_scale).clamp(-_E4M3_MAX, _E4M3_MAX).to(torch.float8_e4m3fn)
+    return torch._scaled_mm(x_fp8, tensors["weight"].t(), scale_a=x_scale, scale_b=tensors["scale"],
+                            out_dtype=x2d.dtype)
+
+
 _INT4_PROBE = IntAffine(bits=4, group_size=32, sym=False)
 _INT8_PROBE = IntAffine(bits=8, group_size=-1, sym=False)
 INT4_CPU = Kernel("int4pack-cpu", "cpu", bits=(4,), probe=_INT4_PROBE, widen_bits=(1, 2, 3), layout=_int4_layout(16),
@@ -251,7 +291,9 @@ INT8_CPU = Kernel("int8pack-cpu", "cpu", bits=(8,), probe=_INT8_PROBE, layout=_i
                   ops=("_weight_int8pack_mm",))
 INT8_CUDA = Kernel("int8pack-cuda", "cuda", bits=(8,), probe=_INT8_PROBE, layout=_int8_layout, pack=_pack_int8, matmul=_matmul_int8,
                    ops=("_weight_int8pack_mm",))
-KERNELS = {k.name: k for k in (INT4_CPU, INT4_CUDA, INT8_CPU, INT8_CUDA)}
+FP8_CUDA = Kernel("fp8-scaled-mm-cuda", "cuda", bits=(8,), probe=FP8(group_size=-1, variant="e4m3"), codes="fp8-e4m3",
+                  quantizes_input=True, layout=_fp8_layout, pack=_pack_fp8, matmul=_matmul_fp8, ops=("_scaled_mm",))
+KERNELS = {k.name: k for k in (INT4_CPU, INT4_CUDA, INT8_CPU, INT8_CUDA, FP8_CUDA)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,7 +322,7 @@ class Route:
     @property
     def exact(self) -> bool:
         """Whether the kernel computes in the activation dtype (no extra rounding)."""
-        return self.computes_in == self.dtype
+        return self.computes_in == self.dtype and not KERNELS[self.kernel].quantizes_input
 
 
 # CPU limits from `python bench/inference.py --micro` (bench/results/inference_micro.md: a 5632x2048
@@ -298,6 +340,9 @@ class Route:
 #             0.7-0.8x at 256 (and 1.0-1.7x faster than a dense bfloat16 matmul up to 8 tokens)
 #   int8pack: 1.1-2.2x at 1-2 tokens, 0.8-1.2x at 4, 0.5-0.7x at 8, in every dtype
 #   torch 2.11's CUDA int4 kernel takes bfloat16 only; float16/float32 use the reference path.
+#   fp8-scaled-mm: not yet timed (no GPU was lent since it was written; bench/gpu_check.py times it). It
+#   reads half the bytes of a bfloat16 weight and runs on float8 tensor cores, so it is routed for any
+#   number of tokens; kernel_works() keeps GPUs without float8 GEMMs (before sm89) on the reference path.
 ROUTES: tuple[Route, ...] = (
     Route("int4pack-cpu", "cpu", torch.bfloat16, max_tokens=64),
     Route("int8pack-cpu", "cpu", torch.bfloat16, max_tokens=32),
@@ -310,6 +355,7 @@ ROUTES: tuple[Route, ...] = (
     Route("int8pack-cuda", "cuda", torch.bfloat16, max_tokens=2),
     Route("int8pack-cuda", "cuda", torch.float16, max_tokens=2),
     Route("int8pack-cuda", "cuda", torch.float32, max_tokens=2),
+    Route("fp8-scaled-mm-cuda", "cuda", torch.bfloat16),
 )
 
 

@@ -114,8 +114,9 @@ def test_mixed_plan_resolves_saves_and_reloads(tiny_checkpoints: dict, tmp_path:
     logits = _logits(model)
     model.save_pretrained(tmp_path / "mixed")
     saved = json.loads((tmp_path / "mixed" / "config.json").read_text())["quantization_config"]
-    assert saved["plan"] == plan.to_dict() and saved["rules"] == RULES
+    assert saved["plan"] == plan.to_dict() and saved["rules"] == [list(rule) for rule in RULES.items()]  # in order
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "mixed")
+    assert list(again.config.quantization_config.rules.items()) == list(RULES.items())
     hfquant.prepare_for_inference(again, kernels="off")
     assert torch.equal(_logits(again), logits)
     assert again.config.quantization_config.plan == plan

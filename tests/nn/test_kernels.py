@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import hfquant
+import hfquant.formats
 from affine_reference import decode as reference_decode
 from hfquant.formats.affine import IntAffine
 from hfquant.nn import kernels
@@ -287,3 +288,76 @@ def test_config_kernels_mode_reaches_the_layers(tiny_checkpoints: dict, mode: st
     if mode == "off":
         hfquant.prepare_for_inference(model, kernels="auto")  # the switch for a reloaded model
         assert all(m.kernel_plan for m in model.modules() if isinstance(m, QuantLinear))
+
+
+# ------------------------------------------------------------------------------------------------
+# float8: torch._scaled_mm with per-token activation scales (W8A8)
+# ------------------------------------------------------------------------------------------------
+
+
+FP8_CASES = [(out_features, in_features) for out_features, in_features in ((48, 256), (64, 576), (16, 16))]
+
+
+def _fp8_expected(x: torch.Tensor, stored: dict[str, torch.Tensor], fmt) -> torch.Tensor:  # noqa: ANN001
+    """What the kernel computes, written out: activations rounded to e4m3 per token, float64 matmul."""
+    x = x.double()
+    scale = x.abs().amax(dim=1, keepdim=True) / 448
+    x_rounded = (x / scale).to(torch.float8_e4m3fn).double() * scale
+    return x_rounded @ fmt.decode(stored, x.shape[1], torch.float64).T
+
+
+@pytest.mark.parametrize("out_features, in_features", FP8_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_fp8_kernel_maths_through_cpu_scaled_mm(out_features: int, in_features: int, dtype: torch.dtype) -> None:
+    """The CUDA kernel's pack and matmul, run on torch's CPU ``_scaled_mm``: the W8A8 maths it claims."""
+    kernel, fmt = kernels.FP8_CUDA, hfquant.formats.make_format("fp8")
+    if not kernels.kernel_works(kernel.name, "cpu", dtype):
+        pytest.skip("this torch build has no CPU _scaled_mm")
+    gen = torch.Generator().manual_seed(0)
+    stored = fmt.quantize(torch.randn(out_features, in_features, generator=gen) * 0.05).stored()
+    layout = kernel.layout(fmt, in_features, out_features)
+    tensors = kernel.pack(stored, fmt, layout, dtype)
+    assert tensors["weight"].untyped_storage().data_ptr() == stored["weight"].untyped_storage().data_ptr()  # a view
+    x = torch.randn(7, in_features, generator=gen).to(dtype)
+    got = kernel.matmul(x, tensors, layout)
+    assert got.dtype == dtype
+    expected = _fp8_expected(x, stored, fmt)
+    assert float((got.double() - expected).abs().max() / expected.abs().max()) < TOLERANCE[dtype]
+    # against the weight-only reference: the extra error is the activations' e4m3 rounding (2**-4 relative)
+    assert _relative_error(got, x, fmt.decode(stored, in_features, torch.float32)) < 0.05
+
+
+@pytest.mark.parametrize("name, group_size, in_features, takes", [
+    ("fp8", -1, 256, True), ("fp8-e4m3", -1, 4096, True),
+    ("fp8", 128, 256, False),  # the kernel scales whole output rows
+    ("fp8-e5m2", -1, 256, False), ("fp8", -1, 200, False),  # e5m2 codes; in_features % 16
+    ("int8", -1, 256, False), ("nf4", 64, 256, False),
+])
+def test_fp8_kernel_takes_per_channel_e4m3_only(name: str, group_size: int, in_features: int, takes: bool) -> None:
+    fmt = hfquant.formats.make_format(name, group_size=group_size)
+    kernel = kernels.FP8_CUDA
+    assert (kernel.takes(fmt, widen=True) and kernel.layout(fmt, in_features, 64) is not None) == takes
+
+
+def test_fp8_route_is_never_exact() -> None:
+    (route,) = [r for r in kernels.ROUTES if r.kernel == kernels.FP8_CUDA.name]
+    assert route.computes_in == route.dtype and not route.exact  # kernels="exact" keeps fp8 on the reference path
+
+
+@CUDA
+@pytest.mark.parametrize("out_features, in_features", FP8_CASES)
+def test_fp8_kernel_on_cuda(out_features: int, in_features: int) -> None:
+    fmt = hfquant.formats.make_format("fp8")
+    if not kernels.kernel_works(kernels.FP8_CUDA.name, "cuda", torch.bfloat16):
+        pytest.skip("this GPU has no float8 GEMM (needs compute capability 8.9+)")
+    gen = torch.Generator().manual_seed(0)
+    layer = QuantLinear(in_features, out_features, LayerScheme(fmt), bias=False)
+    layer.load_quantized(fmt.quantize(torch.randn(out_features, in_features, generator=gen) * 0.05))
+    layer = layer.cuda()
+    assert layer.prepare_kernel(torch.bfloat16) == kernels.FP8_CUDA.name
+    assert layer.prepare_kernel(torch.bfloat16, mode="exact") == "reference"
+    layer.prepare_kernel(torch.bfloat16)
+    x = torch.randn(7, in_features, generator=gen).to("cuda", torch.bfloat16)
+    stored = {k: v.cpu() for k, v in layer.stored().items()}
+    expected = _fp8_expected(x.cpu(), stored, fmt)
+    assert float((layer(x).cpu().double() - expected).abs().max() / expected.abs().max()) < TOLERANCE[torch.bfloat16]
