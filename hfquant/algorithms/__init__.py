@@ -39,6 +39,13 @@ class Method:
     quantize: Callable[[torch.Tensor, WeightFormat, Any], QuantizedWeight]  # the data-free path
     solver: Callable[[Any, dict[str, WeightFormat]], Any] | None = None  # calibrated methods: a LayerwiseSolver
     description: str = ""  # one sentence for model cards
+    applies_to: Callable[[WeightFormat], str | None] = lambda fmt: None  # why it cannot take a format, or None
+
+    def check_format(self, fmt: WeightFormat) -> None:
+        """``ValueError`` naming the method and the format when the method cannot quantize to ``fmt``."""
+        problem = self.applies_to(fmt)
+        if problem:
+            raise ValueError(f"method={self.name!r} cannot quantize to {fmt.name!r}: {problem}")
 
     def __post_init__(self) -> None:
         _option_types(self.options)  # an unsupported annotation is a bug of the method: fail at registration
@@ -118,4 +125,4 @@ def method_names() -> list[str]:
     return sorted(_METHODS)
 
 
-from hfquant.algorithms import gptq, rtn  # noqa: E402,F401  (registers the built-in methods)
+from hfquant.algorithms import gptq, hqq, rtn  # noqa: E402,F401  (registers the built-in methods)

@@ -109,6 +109,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         rules = _normalise_rules(rules)
         self.quant_plan: QuantPlan = plan_from_rules(self.default_scheme, rules)
         self.rules = _checked_rules(rules, self.quant_plan)
+        for scheme in (self.quant_plan.default, *(s for _, s in self.quant_plan.rules if s is not None)):
+            get_method(method).check_format(scheme.weight)
         self.plan = None if plan is None else ResolvedPlan.from_dict(plan)
         self.options = get_method(method).parse_options(method_options)
         if modules_to_not_convert is not None:

@@ -1,8 +1,8 @@
 """Property-based fuzz of every ``HfQuantConfig`` field and method option (hypothesis, derandomized).
 
 The property: any input either raises ``ValueError`` naming the offending field, or builds a config
-that survives ``config.json`` unchanged, and (for the data-free ``rtn``) quantizes a tiny Llama that
-saves and reloads with plain ``from_pretrained`` to exactly the same logits. Any other exception
+that survives ``config.json`` unchanged, and (for every data-free method: ``rtn``, ``hqq``) quantizes a tiny
+Llama that saves and reloads with plain ``from_pretrained`` to exactly the same logits. Any other exception
 (``TypeError``, ``KeyError``, ``re.error``, numpy's ambiguous truth value, ...) is a bug.
 """
 
@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM
 
 import hfquant
 from hfquant import HfQuantConfig
-from hfquant.algorithms.gptq import GPTQOptions
+from hfquant.algorithms import get_method, method_names
 from hfquant.formats import format_names
 
 IDS = torch.tensor([[5, 17, 99, 3, 42, 64, 8, 1]])
@@ -81,6 +81,12 @@ PLANS = mixed(st.one_of(
                                                       mixed(st.fixed_dictionaries({"weight": FORMAT_DICT})),
                                                       max_size=2), "layers": st.just({})})))
 
+HQQ_FIELDS: dict[str, st.SearchStrategy] = {
+    "iterations": mixed(st.one_of(st.sampled_from([0, 1, 5]), INTS)),
+    "lp_norm": mixed(st.one_of(st.floats(), st.sampled_from([0.7, 1.0, 0, 1.5]))),
+    "beta": mixed(st.one_of(st.floats(), st.sampled_from([10.0, 0.0, 1e13]))),
+    "kappa": mixed(st.one_of(st.floats(), st.sampled_from([1.01, 0.5, 1.0]))),
+}
 GPTQ_FIELDS: dict[str, st.SearchStrategy] = {
     "damp_percent": mixed(st.one_of(st.floats(), st.sampled_from([0.01, 0.1, 1, 0, 1.5]),
                                     st.floats(0, 1).map(np.float64))),
@@ -95,7 +101,7 @@ FIELDS: dict[str, st.SearchStrategy] = {
     "group_size": GROUP_SIZE,
     "sym": SYM,
     "rules": RULES,
-    "method": mixed(st.sampled_from(["rtn", "gptq", "awq", "RTN"])),
+    "method": mixed(st.sampled_from(["rtn", "gptq", "hqq", "awq", "RTN"])),
     "modules_to_not_convert": MODULES,
     "dataset": mixed(st.one_of(st.none(), st.just(["some text"]))),
     "tokenizer": mixed(st.none()),
@@ -111,11 +117,15 @@ FIELDS: dict[str, st.SearchStrategy] = {
     "quant_method": mixed(st.sampled_from(["hfquant", "gptq"])),
     "scale_rule": SCALE_RULE,  # a format field beyond the named ones (ternary)
     "gptq": mixed(st.fixed_dictionaries({}, optional=GPTQ_FIELDS)),  # method options as saved
+    "hqq": mixed(st.fixed_dictionaries({}, optional=HQQ_FIELDS)),
     "not_an_option": JUNK,
     **GPTQ_FIELDS,
+    **HQQ_FIELDS,
 }
+METHOD_FIELDS = {"gptq": GPTQ_FIELDS, "hqq": HQQ_FIELDS, "rtn": {}}  # every registered method's options
 # what a field needs beside it to be meaningful: method options need their method, format fields their format
-CONTEXT = {**{name: {"method": "gptq"} for name in (*GPTQ_FIELDS, "gptq")}, "scale_rule": {"format": "ternary"}}
+CONTEXT = {**{name: {"method": method} for method, fields in METHOD_FIELDS.items() for name in (*fields, method)},
+           "scale_rule": {"format": "ternary"}}
 
 
 # --- the property ---------------------------------------------------------------------------------
@@ -127,8 +137,8 @@ def names_field(message: str, fields: list[str]) -> bool:
 
 def field_names(kwargs: dict[str, Any]) -> list[str]:
     """What an error about ``kwargs`` may name: a field, or an option inside a saved method-options dict."""
-    inner = kwargs.get("gptq")
-    options = [key for key in inner if isinstance(key, str) and key] if isinstance(inner, dict) else []
+    inner = [kwargs[m] for m in METHOD_FIELDS if isinstance(kwargs.get(m), dict)]
+    options = [key for saved in inner for key in saved if isinstance(key, str) and key]
     return [*kwargs, *options]
 
 
@@ -150,10 +160,12 @@ def assert_round_trips(config: HfQuantConfig) -> None:
 
 
 def test_strategies_cover_every_field_and_option() -> None:
-    """A new config field or GPTQ option without a strategy here fails this test."""
+    """A new config field, method or method option without a strategy here fails this test."""
     parameters = set(inspect.signature(HfQuantConfig.__init__).parameters) - {"self", "options"}
     assert parameters <= set(FIELDS), sorted(parameters - set(FIELDS))
-    assert {f.name for f in dataclasses.fields(GPTQOptions)} == set(GPTQ_FIELDS)
+    assert set(method_names()) == set(METHOD_FIELDS)
+    for method, fields in METHOD_FIELDS.items():
+        assert {f.name for f in dataclasses.fields(get_method(method).options)} == set(fields), method
 
 
 @CONFIG_ONLY
@@ -185,8 +197,9 @@ def _valid_format(name: str) -> st.SearchStrategy:
 
 
 VALID_FORMAT = st.sampled_from(format_names()).flatmap(_valid_format)
-QUANTIZE_FORMAT = {  # always given, so that every format gets quantized
+QUANTIZE_FORMAT = {  # always given, so that every format gets quantized by every data-free method
     "format": st.one_of(st.sampled_from(format_names()), VALID_FORMAT, st.sampled_from(format_names()).map(np.str_)),
+    "method": st.sampled_from([name for name in sorted(METHOD_FIELDS) if not get_method(name).calibrated]),
 }
 QUANTIZE_FIELDS = {
     "group_size": st.one_of(st.sampled_from([-1, 16, 32, None]), st.sampled_from([16, 32]).map(np.int64),
@@ -198,6 +211,7 @@ QUANTIZE_FIELDS = {
     "modules_to_not_convert": st.one_of(st.none(), st.lists(st.sampled_from(LLAMA_PATTERNS + ["no_such_layer"]),
                                                             max_size=2)),
     "kernels": st.sampled_from(["auto", "exact", "off"]),
+    "iterations": st.sampled_from([0, 3]),  # hqq's (an error naming it for rtn)
     "seed": st.one_of(st.integers(0, 2**31 - 1), st.integers(0, 2**31 - 1), JUNK),
 }
 
@@ -209,9 +223,9 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 
 @QUANTIZE
 @given(st.fixed_dictionaries(QUANTIZE_FORMAT, optional=QUANTIZE_FIELDS))
-def test_rtn_config_quantizes_saves_and_reloads_exactly(tiny_checkpoints: dict[str, Path],
-                                                         kwargs: dict[str, Any]) -> None:
-    config = build_or_reject({"method": "rtn", **kwargs}, list(kwargs))
+def test_data_free_config_quantizes_saves_and_reloads_exactly(tiny_checkpoints: dict[str, Path],
+                                                               kwargs: dict[str, Any]) -> None:
+    config = build_or_reject(kwargs, list(kwargs))
     if config is None:
         return
     try:

@@ -1,0 +1,115 @@
+"""Half-quadratic quantization (HQQ-style): each group's grid refitted to its weights, no data needed.
+
+After Badri & Shaji (2023), "Half-Quadratic Quantization of Large Machine Learning Models". Starting
+from round-to-nearest, alternate for ``iterations`` steps, per row of a group:
+
+1. round the weights onto the current grid: codes ``q`` and their values ``w_r``;
+2. split off the outliers of the error with the proximal operator of the ``|·|^p`` norm (``p < 1``):
+   ``e = shrink(w - w_r)``, ``shrink(x) = sign(x) · max(|x| - |x|^(p-1) / beta, 0)``;
+3. refit the grid to ``w - e`` by least squares given ``q``: the scale alone for formats whose
+   weights are ``value(q) · scale`` (symmetric integers, nf4, fp4, fp8, ternary, binary), the
+   scale and the zero point for asymmetric integers (``(q - zero) · scale``);
+4. ``beta *= kappa``.
+
+Parameters stay in the format's stored form at every step (float16 scales, integer zero points),
+so the checkpoint layout is the format's own. Each row keeps the grid with the lowest mean absolute
+error ``|w - w_r|`` seen (the RTN grid included), so HQQ never does worse than RTN on that error.
+Streams while the checkpoint loads, like RTN. Formats without a scale (fp16, bf16) do not apply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hfquant.algorithms import Method, register_method
+from hfquant.formats import QuantizedWeight, WeightFormat
+from hfquant.formats.base import Params, stored_scale
+from hfquant.validation import require_float, require_int
+
+
+@dataclass(frozen=True)
+class HQQOptions:
+    """HQQ's knobs; the defaults are the paper's (p = 0.7, beta = 10, kappa = 1.01, 20 steps)."""
+
+    iterations: int = 20
+    lp_norm: float = 0.7
+    beta: float = 10.0
+    kappa: float = 1.01
+
+    def __post_init__(self) -> None:
+        require_int("iterations", self.iterations, 0, 10_000)
+        require_float("lp_norm", self.lp_norm, 0.0, 1.0, low_open=True)
+        require_float("beta", self.beta, 0.0, 1e12, low_open=True)
+        require_float("kappa", self.kappa, 1.0, 100.0)
+
+
+def applies_to(fmt: WeightFormat) -> str | None:
+    """Why HQQ cannot optimise ``fmt``'s grid, or None."""
+    if "scale" not in fmt.param_dtypes:
+        return "it stores no scale to optimise; allowed: a format with per-group scales (not fp16/bf16)"
+    return None
+
+
+def shrink(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
+    """Proximal operator of ``|x|^p / beta``-weighted shrinkage (HQQ's generalised soft threshold)."""
+    magnitude = x.abs()
+    return torch.sign(x) * torch.relu(magnitude - magnitude.pow(p - 1) / beta)
+
+
+def refit(fmt: WeightFormat, codes: torch.Tensor, target: torch.Tensor, params: Params) -> Params:
+    """Least-squares grid for ``codes`` to represent ``target`` (rows of one group), in stored form."""
+    scale_dtype = fmt.param_dtypes["scale"]
+    if "zero" in fmt.param_dtypes:  # target ≈ a·q + b with a = scale, b = -zero·scale
+        q = codes.float()
+        q_mean, t_mean = q.mean(dim=1), target.mean(dim=1)
+        spread = ((q - q_mean[:, None]) ** 2).mean(dim=1)
+        slope = ((q - q_mean[:, None]) * (target - t_mean[:, None])).mean(dim=1) / spread
+        zero = torch.round(q_mean - t_mean / slope)
+        top = 2**fmt.code_bits - 1
+        zero = torch.where(torch.isfinite(zero) & (slope > 0), zero.clamp(0, top), params["zero"])
+        unit = fmt.dequantize(codes, {"scale": torch.ones_like(zero)[:, None], "zero": zero[:, None]}, torch.float32)
+    else:
+        zero = None
+        unit = fmt.dequantize(codes, {"scale": torch.ones_like(params["scale"])[:, None]}, torch.float32)
+    scale = (unit * target).sum(dim=1) / (unit * unit).sum(dim=1)
+    usable = torch.isfinite(scale) & (scale > 0)
+    scale = torch.where(usable, stored_scale(torch.where(usable, scale, 1.0), scale_dtype), params["scale"])
+    return {"scale": scale} if zero is None else {"scale": scale, "zero": zero}
+
+
+def hqq_params(w: torch.Tensor, fmt: WeightFormat, options: HQQOptions) -> Params:
+    """The optimised per-row parameters of one group ``w`` ``(rows, cols)``."""
+    w = w.float()
+    params = fmt.choose_params(w)
+
+    def values(p: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        grid = {k: v[:, None] for k, v in p.items()}
+        codes = fmt.round(w, grid)
+        return codes, fmt.dequantize(codes, grid, torch.float32)
+
+    codes, rounded = values(params)
+    best, best_error = dict(params), (w - rounded).abs().mean(dim=1)
+    beta = options.beta
+    for _ in range(options.iterations):
+        params = refit(fmt, codes, w - shrink(w - rounded, beta, options.lp_norm), params)
+        codes, rounded = values(params)
+        error = (w - rounded).abs().mean(dim=1)
+        better = error < best_error
+        best = {k: torch.where(better, params[k], best[k]) for k in best}
+        best_error = torch.minimum(error, best_error)
+        beta *= options.kappa
+    return best
+
+
+def half_quadratic(weight: torch.Tensor, fmt: WeightFormat, options: Any) -> QuantizedWeight:
+    """HQQ-optimised grids for every group of ``weight``, then rounding onto them."""
+    HQQ.check_format(fmt)
+    return fmt.quantize(weight, choose_params=lambda group: hqq_params(group, fmt, options or HQQOptions()))
+
+
+HQQ = register_method(Method(name="hqq", calibrated=False, options=HQQOptions, quantize=half_quadratic,
+                             description="HQQ-style half-quadratic grid optimisation per group (no calibration data; "
+                                         "Badri & Shaji, 2023).", applies_to=applies_to))
