@@ -103,16 +103,17 @@ class HfQuantConfig(QuantizationConfigMixin):
                              f"allowed: {READABLE_VERSIONS} (upgrade hfquant to load newer checkpoints)")
         self.quant_method = quant_method
         self.format_version = FORMAT_VERSION  # a version-1 checkpoint has the same tensors; it re-saves as 2
-        self.method = get_method(method).name
+        registered = get_method(method)
+        self.method = registered.name
         format_fields, method_options = self._split_options(format, bits, options)
         self.default_scheme = _default_scheme(format, bits, group_size, sym, format_fields)
         rules = _normalise_rules(rules)
         self.quant_plan: QuantPlan = plan_from_rules(self.default_scheme, rules)
         self.rules = _checked_rules(rules, self.quant_plan)
         for scheme in (self.quant_plan.default, *(s for _, s in self.quant_plan.rules if s is not None)):
-            get_method(method).check_format(scheme.weight)
+            registered.check_format(scheme.weight)
         self.plan = None if plan is None else ResolvedPlan.from_dict(plan)
-        self.options = get_method(method).parse_options(method_options)
+        self.options = registered.parse_options(method_options)
         if modules_to_not_convert is not None:
             if not isinstance(modules_to_not_convert, (list, tuple)):
                 raise ValueError(f"modules_to_not_convert={modules_to_not_convert!r} is not allowed; "
