@@ -11,7 +11,10 @@ from hfquant.calibration.data import calibration_batches, check_calibration_inpu
 from hfquant.calibration.pipeline import quantize_sequentially
 from hfquant.hf.config import HfQuantConfig
 from hfquant.formats import QuantizedWeight
-from hfquant.hf.integration import check_finite_weights, float_weight, quantize_layer_in_place
+from hfquant.allocation import Option, allocate, budget_from_bits_per_weight
+from hfquant.hf.integration import check_finite_weights, float_weight, linear_shape, quantize_layer_in_place
+from hfquant.plan import ResolvedPlan
+from hfquant.sensitivity import measure_sensitivity
 
 logger = logging.getLogger(__name__)
 
@@ -37,22 +40,61 @@ def calibration_tokens(model: PreTrainedModel, config: HfQuantConfig) -> torch.T
                                seed=config.seed)
 
 
-def calibrate_and_quantize(model: PreTrainedModel, config: HfQuantConfig, batch_size: int = 8) -> None:
-    """Quantize every layer of the config's resolved plan in place with its calibrated method."""
-    layers = config.plan.layers
-    check_finite_weights(model, list(layers))
-    tokens = calibration_tokens(model, config)
+def allocated_plan(model: PreTrainedModel, config: HfQuantConfig, batches: list[torch.Tensor]) -> ResolvedPlan:
+    """One of ``config.candidates`` per layer of ``config.plan``, to ``config.target_bits`` on average.
+
+    Layers inside the decoder blocks are allocated by measured sensitivity; layers outside them (no
+    block inputs to measure on) get the largest candidate, counted in the budget.
+    """
     method = get_method(config.method)
-    solver = method.solver(config.options, {name: scheme.weight for name, scheme in layers.items()})
-    targets = {name: model.get_submodule(name) for name in layers}
+    candidates = [scheme.weight for scheme in config.candidates]
+    targets = {name: model.get_submodule(name) for name in config.plan.layers}
+    shapes = {name: linear_shape(layer) for name, layer in targets.items()}  # (in, out)
+    errors = measure_sensitivity(model, batches, targets, candidates,
+                                 lambda w, fmt: method.quantize(w, fmt, config.options), float_weight)
+    sizes = {name: [fmt.stored_bits(out_f, in_f) for fmt in candidates] for name, (in_f, out_f) in shapes.items()}
+    largest = max(range(len(candidates)), key=lambda i: sum(s[i] for s in sizes.values()))
+    fixed = {name: largest for name in targets if name not in errors}
+    weights = sum(in_f * out_f for in_f, out_f in shapes.values())
+    budget = budget_from_bits_per_weight(config.target_bits, weights)
+    fixed_bits = sum(sizes[n][largest] for n in fixed)
+    smallest = fixed_bits + sum(min(sizes[n]) for n in errors)
+    float_bits = torch.finfo(next(iter(targets.values())).weight.dtype).bits
+    if budget < smallest or config.target_bits > float_bits:
+        raise ValueError(f"target_bits={config.target_bits} is not allowed for this model and candidates "
+                         f"{[c.name for c in candidates]}; allowed: from {smallest / weights:.3f} (every layer at "
+                         f"its smallest candidate{', layers outside the blocks at the largest' if fixed else ''}) "
+                         f"up to the float weights' {float_bits} bits")
+    choice = allocate({n: [Option(b, e) for b, e in zip(sizes[n], errors[n])] for n in errors},
+                      budget - fixed_bits) | fixed
+    plan = ResolvedPlan({name: config.candidates[choice[name]] for name in config.plan.layers})
+    logger.info("hfquant: allocated %s to %.3f bits/weight", plan.counts(), config.target_bits)
+    return plan
+
+
+def calibrate_and_quantize(model: PreTrainedModel, config: HfQuantConfig, batch_size: int = 8) -> None:
+    """Quantize every layer of the config's plan in place: allocated first when ``config.target_bits`` is
+    set, then with the calibrated method (or, for a data-free method, its own path)."""
+    check_finite_weights(model, list(config.plan.layers))
+    tokens = calibration_tokens(model, config)
+    batches = list(tokens.split(batch_size))
+    if config.target_bits is not None:
+        config.plan = allocated_plan(model, config, batches)
+    layers = config.plan.layers
+    method = get_method(config.method)
 
     def replace(name: str, quantized: QuantizedWeight) -> None:
         quantize_layer_in_place(model, name, quantized, layers[name])
 
-    done = quantize_sequentially(model, list(tokens.split(batch_size)), targets, solver, float_weight, replace)
-    for name in [n for n in layers if n not in set(done)]:  # outside the decoder blocks: no block inputs
-        logger.info("hfquant: %s is outside the decoder blocks; quantizing it with %s's data-free path",
-                    name, method.name)
+    done: list[str] = []
+    if method.calibrated:
+        solver = method.solver(config.options, {name: scheme.weight for name, scheme in layers.items()})
+        targets = {name: model.get_submodule(name) for name in layers}
+        done = quantize_sequentially(model, batches, targets, solver, float_weight, replace)
+    for name in [n for n in layers if n not in set(done)]:  # data-free, or outside the decoder blocks
+        if method.calibrated:
+            logger.info("hfquant: %s is outside the decoder blocks; quantizing it with %s's data-free path",
+                        name, method.name)
         weight = float_weight(model.get_submodule(name)).detach().float()
         replace(name, method.quantize(weight, layers[name].weight, config.options))
     config.calibration = {

@@ -26,13 +26,13 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from hfquant.algorithms import get_method
-from hfquant.formats import FORMAT_FIELD
+from hfquant.formats import FORMAT_FIELD, parse_spec
 from hfquant.formats.affine import BITS
 from hfquant.formats.base import FORMAT_NAMES
 from hfquant.nn.kernels import KERNEL_MODES
 from hfquant.plan import QuantPlan, ResolvedPlan, plan_from_rules
 from hfquant.schemes import LayerScheme, scheme_from_value
-from hfquant.validation import require_choice, require_int, require_pattern
+from hfquant.validation import require_choice, require_float, require_int, require_pattern
 
 QUANT_METHOD = "hfquant"
 FORMAT_VERSION = 2
@@ -68,6 +68,13 @@ class HfQuantConfig(QuantizationConfigMixin):
         kernels: which matmul kernels the loaded model may use (:mod:`hfquant.nn.kernels`):
             ``"auto"``, ``"exact"`` or ``"off"``. Never saved; for a reloaded model call
             :func:`hfquant.prepare_for_inference`.
+        target_bits: allocate formats per layer automatically: the average stored bits per weight of
+            the quantized layers (codes, scales and zero points as stored). Each layer gets one of
+            ``candidates``, chosen from its measured sensitivity on calibration data
+            (:mod:`hfquant.sensitivity`, :mod:`hfquant.allocation`); needs data, like a calibrated method.
+            ``config.json`` then holds the resolved plan: a reload needs no data.
+        candidates: the formats ``target_bits`` chooses from (spec strings such as ``"int3-g128"``, or
+            dicts of format fields); default :data:`DEFAULT_CANDIDATES`.
         plan: the resolved per-layer plan; filled in when a model is quantized, read back on reload.
         **options: fields of the default format beyond the above (e.g. ``scale_rule`` of ternary),
             then method-specific options (see the method's options dataclass).
@@ -88,6 +95,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         seqlen: int = 2048,
         seed: int = 0,
         kernels: str = "auto",
+        target_bits: float | None = None,
+        candidates: list[Any] | None = None,
         plan: dict[str, Any] | None = None,
         calibration: dict[str, Any] | None = None,
         base_model: str | None = None,
@@ -110,7 +119,14 @@ class HfQuantConfig(QuantizationConfigMixin):
         rules = _normalise_rules(rules)
         self.quant_plan: QuantPlan = plan_from_rules(self.default_scheme, rules)
         self.rules = _checked_rules(rules, self.quant_plan)
-        for scheme in (self.quant_plan.default, *(s for _, s in self.quant_plan.rules if s is not None)):
+        self.target_bits = None if target_bits is None else require_float("target_bits", target_bits, 0, 32,
+                                                                            low_open=True)
+        self.candidates = _candidate_schemes(candidates, self.target_bits is not None)
+        if self.target_bits is not None and any(s is not None for _, s in self.quant_plan.rules):
+            raise ValueError(f"rules={rules!r} with target_bits: allowed only rules that keep layers in full "
+                             "precision (None); the formats of the others are chosen by the allocation")
+        for scheme in (self.quant_plan.default, *(s for _, s in self.quant_plan.rules if s is not None),
+                       *(self.candidates or ())):
             registered.check_format(scheme.weight)
         self.plan = None if plan is None else ResolvedPlan.from_dict(plan)
         self.options = registered.parse_options(method_options)
@@ -151,7 +167,8 @@ class HfQuantConfig(QuantizationConfigMixin):
 
     @property
     def calibrated(self) -> bool:
-        return get_method(self.method).calibrated
+        """Whether quantizing needs calibration data (a calibrated method, or an allocation to ``target_bits``)."""
+        return get_method(self.method).calibrated or self.target_bits is not None
 
     @property
     def weight_format(self):  # noqa: ANN201  (WeightFormat)
@@ -167,6 +184,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         method_options = dataclasses.asdict(self.options)
         if method_options:
             out[self.method] = method_options
+        if self.target_bits is not None:
+            out.update(target_bits=self.target_bits, candidates=[c.weight.to_dict() for c in self.candidates])
         out.update(modules_to_not_convert=self.modules_to_not_convert,
                    plan=None if self.plan is None else self.plan.to_dict(), base_model=self.base_model)
         if self.calibrated:
@@ -192,6 +211,38 @@ def _default_scheme(format: Any, bits: Any, group_size: Any, sym: Any,  # noqa: 
         if given is not None:
             value[key] = given
     return scheme_from_value(value, "format")
+
+
+DEFAULT_CANDIDATES = ("int2-g64", "int3-g128", "int4-g128", "int8")
+
+
+def _candidate_schemes(candidates: Any, budgeted: bool) -> tuple[LayerScheme, ...] | None:
+    """The candidate schemes of an allocation; ``None`` without ``target_bits``."""
+    if candidates is None:
+        candidates = DEFAULT_CANDIDATES if budgeted else None
+    elif not budgeted:
+        raise ValueError(f"candidates={candidates!r} was given without target_bits; allowed: candidates only "
+                         "with target_bits (the formats the allocation chooses from)")
+    if candidates is None:
+        return None
+    if not isinstance(candidates, (list, tuple)) or not candidates:
+        raise ValueError(f"candidates={candidates!r} is not allowed; expected a non-empty list of format specs "
+                         "(e.g. 'int3-g128') or dicts of format fields")
+    schemes = []
+    for index, value in enumerate(candidates):
+        field = f"candidates[{index}]"
+        if isinstance(value, str):
+            try:
+                schemes.append(LayerScheme(parse_spec(value)))
+            except ValueError as error:
+                raise ValueError(f"{field}: {error}") from None
+        else:
+            schemes.append(scheme_from_value(value, field))
+    names = [s.name for s in schemes]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"candidates={candidates!r}: {repeated} given more than once; allowed: each format once")
+    return tuple(schemes)
 
 
 def _normalise_rules(rules: Any) -> dict[str, Any] | None:
