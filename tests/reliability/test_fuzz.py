@@ -110,6 +110,9 @@ FIELDS: dict[str, st.SearchStrategy] = {
     "seed": mixed(INTS),
     "kernels": mixed(st.sampled_from(["auto", "exact", "off", "fast"])),
     "plan": PLANS,
+    "target_bits": mixed(st.one_of(st.floats(), st.sampled_from([2.5, 3.25, 4, 0, 33]))),
+    "candidates": mixed(st.one_of(st.none(), st.lists(st.one_of(FORMAT, st.sampled_from(["int3-g128", "int2-g64"])),
+                                                      max_size=4))),
     "calibration": mixed(st.one_of(st.none(), st.just({"dataset": "brown", "num_samples": 4}),
                                    st.dictionaries(st.text(max_size=3), NUMPY, min_size=1, max_size=1))),
     "base_model": mixed(st.one_of(st.none(), st.text(max_size=8))),
@@ -125,7 +128,7 @@ FIELDS: dict[str, st.SearchStrategy] = {
 METHOD_FIELDS = {"gptq": GPTQ_FIELDS, "hqq": HQQ_FIELDS, "rtn": {}}  # every registered method's options
 # what a field needs beside it to be meaningful: method options need their method, format fields their format
 CONTEXT = {**{name: {"method": method} for method, fields in METHOD_FIELDS.items() for name in (*fields, method)},
-           "scale_rule": {"format": "ternary"}}
+           "scale_rule": {"format": "ternary"}, "candidates": {"target_bits": 4}}
 
 
 # --- the property ---------------------------------------------------------------------------------
