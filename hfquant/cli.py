@@ -1,4 +1,4 @@
-"""``hfquant`` command line: quantize, eval, compare, push.
+"""``hfquant`` command line: quantize, eval, compare, recommend, push.
 
 MODEL is a local folder or a Hub id; left out, it is the bundled SmolLM2-135M (built once into
 ``$HFQUANT_CACHE`` or ``~/.cache/hfquant``). ``--dataset`` takes a preset (wikitext2, c4,
@@ -16,8 +16,9 @@ from typing import Any
 from huggingface_hub import HfApi
 from transformers import AutoTokenizer
 
-from hfquant import workflows
+from hfquant import recommend, workflows
 from hfquant.algorithms import get_method, method_names
+from hfquant.calibration.data import calibration_batches
 from hfquant.bundled.model import MODEL_NAME, ArtefactError, cache_root
 from hfquant.evaluation import markdown_table
 from hfquant.formats import format_names
@@ -38,6 +39,11 @@ def _add_format_args(parser: argparse.ArgumentParser) -> None:
                         help="per-layer overrides: a JSON object {pattern: format name | {scheme fields} | null}, "
                              "first match wins (see README, 'Per-layer rules')")
     _add_method_arg(parser)
+    parser.add_argument("--target-bits", type=float, default=None, metavar="BITS",
+                        help="allocate a format per layer from --candidates to this average of stored bits per "
+                             "weight, by measured sensitivity (needs calibration data; see README, 'Bit allocation')")
+    parser.add_argument("--candidates", nargs="+", default=None, metavar="SPEC",
+                        help="formats --target-bits chooses from (default: int2-g64 int3-g128 int4-g128 int8)")
 
 
 def _add_method_arg(parser: argparse.ArgumentParser) -> None:
@@ -87,8 +93,10 @@ def _quant_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     (rtn) are an error, as ``HfQuantConfig(dataset=...)`` is in the API."""
     kwargs: dict[str, Any] = {"format": args.format, "bits": args.bits, "group_size": args.group_size,
                               "sym": args.sym, "rules": args.rules, "method": args.method}
+    if args.target_bits is not None or args.candidates is not None:
+        kwargs.update(target_bits=args.target_bits, candidates=args.candidates)
     given = _calibration_kwargs(args)
-    if given and not get_method(args.method).calibrated:
+    if given and not get_method(args.method).calibrated and args.target_bits is None:
         raise ValueError(f"{_flags(given)} given, but --method {args.method} uses no calibration data; drop "
                          f"{'it' if len(given) == 1 else 'them'} or use a calibrated method (e.g. --method gptq)")
     return {**kwargs, **given}
@@ -148,6 +156,30 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"table, plot and JSON in {args.out}")
 
 
+def cmd_recommend(args: argparse.Namespace) -> None:
+    hardware = recommend.probe_hardware(args.device)
+    print("\n".join(hardware.lines()))
+    path = workflows.resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    settings = workflows.EvalSettings(dataset=args.dataset, split="validation", seqlen=args.seqlen,
+                                      max_tokens=args.tokens, progress=False)
+    eval_ids = workflows.eval_tokens(tokenizer, settings)
+    calibration = calibration_batches(tokenizer, args.dataset, num_samples=args.num_samples, seqlen=args.seqlen,
+                                      seed=0)
+    rows = recommend.measure(path, args.candidates, eval_ids, calibration, args.device, args.prefill_tokens,
+                             args.target_bits, seqlen=args.seqlen)
+    print(f"\nmeasured here; KL on {len(eval_ids)} validation tokens in windows of {args.seqlen}; speed of the linear "
+          f"layers (best of 5):\n")
+    print(recommend.markdown(rows, args.prefill_tokens))
+    choice = recommend.pick(rows, args.bits, args.target_bits, args.max_mb)
+    if choice is None:
+        raise ValueError("no candidate fits the budget given; allowed: a larger --bits/--target-bits/--max-mb, or "
+                         "other --candidates")
+    print(f"\npick: {choice.spec} (lowest mean KL within the budget)")
+    print("  " + recommend.command_line(choice, args.model))
+    print("  hfquant.HfQuantConfig(" + ", ".join(f"{k}={v!r}" for k, v in choice.kwargs.items()) + ")")
+
+
 def cmd_push(args: argparse.Namespace) -> None:
     folder = Path(args.folder)
     if not (folder / "config.json").exists():
@@ -197,6 +229,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration_args(comp)
     _add_eval_args(comp)
     comp.set_defaults(func=cmd_compare)
+
+    rec = sub.add_parser("recommend", help="measure candidate formats and methods on this machine and MODEL; pick one")
+    rec.add_argument("model", nargs="?", default=None)
+    budget = rec.add_mutually_exclusive_group()
+    budget.add_argument("--bits", type=int, default=None, help="largest code width allowed (e.g. 4)")
+    budget.add_argument("--target-bits", type=float, default=None,
+                        help="largest stored bits/weight allowed; also measures an automatic allocation to it")
+    budget.add_argument("--max-mb", type=float, default=None, help="largest checkpoint size allowed, in MB")
+    rec.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    rec.add_argument("--candidates", nargs="+", default=list(recommend.DEFAULT_CANDIDATES), metavar="SPEC",
+                     help="[method:]format specs to measure (default: %(default)s)")
+    rec.add_argument("--dataset", default=None, help="text for the KL slice and calibration (default: bundled corpus)")
+    rec.add_argument("--tokens", type=int, default=2048, help="validation tokens the KL is measured on")
+    rec.add_argument("--seqlen", type=int, default=256, help="window and calibration sequence length")
+    rec.add_argument("--num-samples", type=int, default=8, help="calibration sequences for calibrated candidates")
+    rec.add_argument("--prefill-tokens", type=int, default=128, help="tokens of the timed prefill")
+    rec.set_defaults(func=cmd_recommend)
 
     push = sub.add_parser("push", help="upload a saved hfquant folder (weights, config, card) to the Hub")
     push.add_argument("folder")

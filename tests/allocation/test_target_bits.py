@@ -92,3 +92,14 @@ def test_budget_outside_what_the_candidates_and_model_allow(target: float, tiny_
         base.save_pretrained(model_path)
     with pytest.raises(ValueError, match=f"target_bits={target} is not allowed for this model"):
         AutoModelForCausalLM.from_pretrained(model_path, quantization_config=config)
+
+
+@pytest.mark.integration
+def test_cli_quantize_with_target_bits(tiny_checkpoints: dict, tmp_path: Path) -> None:
+    from hfquant import cli
+
+    out = tmp_path / "out"
+    cli.main(["quantize", str(tiny_checkpoints["llama"]), str(out), "--target-bits", "3.5", "--candidates",
+              "int2-g32", "int4-g32", "--num-samples", "4", "--calib-seqlen", "32"])
+    saved = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert saved["target_bits"] == 3.5 and set(saved["plan"]["schemes"]) == {"int2-g32-asym", "int4-g32-asym"}
