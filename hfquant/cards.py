@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,47 @@ def _formats_section(plan: ResolvedPlan | None) -> str:
     if plan is None:
         return "Not recorded."
     schemes = {s.name: s for s in plan.layers.values()}
-    return "\n".join(f"- {count} layer(s): {schemes[name].weight.describe()}"
-                     for name, count in sorted(plan.counts().items()))
+    lines = [f"- {count} layer(s): {schemes[name].weight.describe()}" for name, count in sorted(plan.counts().items())]
+    if len(schemes) > 1:
+        lines += ["", "Per layer, by depth (the full plan is `quantization_config.plan` in `config.json`):", "",
+                  depth_table(plan), "", f"![code bits by depth]({PLOT_NAME})"]
+    return "\n".join(lines)
+
+
+PLOT_NAME = "bits_by_depth.png"  # written next to the card for plans of more than one format
+_BLOCK = re.compile(r"^(.*?\.\d+)\.(.+)$")  # "model.layers.3.mlp.up_proj" -> block "model.layers.3", "mlp.up_proj"
+
+
+def depth_table(plan: ResolvedPlan) -> str:
+    """A Markdown table: one row per block (or layer outside the blocks), one column per layer of a block."""
+    rows: dict[str, dict[str, str]] = {}
+    for name, scheme in plan.layers.items():
+        match = _BLOCK.match(name)
+        block, layer = match.groups() if match else (name, "")
+        rows.setdefault(block, {})[layer] = scheme.name
+    columns = list(dict.fromkeys(layer for row in rows.values() for layer in row))
+    head = "| block | " + " | ".join(f"`{c}`" if c else "layer" for c in columns) + " |"
+    body = [f"| `{block}` | " + " | ".join(row.get(c, "float") for c in columns) + " |" for block, row in rows.items()]
+    return "\n".join([head, "|---|" + "---|" * len(columns), *body])
+
+
+def plot_bits_by_depth(plan: ResolvedPlan, path: str | Path) -> None:
+    """Code bits of every quantized layer in model order (a step plot), as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bits = [scheme.weight.code_bits for scheme in plan.layers.values()]
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    ax.step(range(len(bits)), bits, where="mid")
+    ax.set_xlabel("quantized layer, in model order")
+    ax.set_ylabel("code bits")
+    ax.set_yticks(sorted(set(bits)))
+    ax.set_title(f"{len(bits)} layers, {len(plan.counts())} formats")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _size_section(storage: dict[str, Any] | None) -> str:
@@ -75,7 +115,10 @@ def _calibration_section(calibration: dict[str, Any] | None) -> str:
     return "\n".join(f"- {key}: `{value}`" for key, value in calibration.items())
 
 
-def write_card(card: ModelCard, folder: str | Path) -> Path:
+def write_card(card: ModelCard, folder: str | Path, plan: ResolvedPlan | None = None) -> Path:
+    """``README.md`` in ``folder``, and the bits-by-depth plot it shows when ``plan`` mixes formats."""
     path = Path(folder) / "README.md"
     card.save(path)
+    if plan is not None and len(plan.counts()) > 1:
+        plot_bits_by_depth(plan, Path(folder) / PLOT_NAME)
     return path

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from hfquant.cards import render_card, write_card
 from hfquant.evaluation.results import EvalReport
 from hfquant.hf.config import QUANT_METHOD
+from hfquant.plan import ResolvedPlan
 from hfquant.stats import storage_stats
 from hfquant.validation import require_bool
 
@@ -33,13 +34,19 @@ def card_for(model: PreTrainedModel, folder: str | Path, report: EvalReport | No
                        repo_or_path=str(folder), storage=storage_stats(model).to_dict(), report=report)
 
 
+def _plan(model: PreTrainedModel) -> ResolvedPlan | None:
+    quant_config = model.config.quantization_config
+    plan = quant_config.get("plan") if isinstance(quant_config, dict) else quant_config.plan
+    return ResolvedPlan.from_dict(plan) if isinstance(plan, dict) else plan
+
+
 def save_pretrained_with_card(model: PreTrainedModel, save: Callable[..., Any], save_directory: str | os.PathLike,
                               *args: Any, **kwargs: Any) -> Any:
     """``save_pretrained`` that also writes ``README.md`` (unless the folder already has one)."""
     result = save(save_directory, *args, **kwargs)
     still_quantized = getattr(model.config, "quantization_config", None) is not None  # not after dequantize()
     if still_quantized and not (Path(save_directory) / "README.md").exists():
-        write_card(card_for(model, save_directory), save_directory)
+        write_card(card_for(model, save_directory), save_directory, _plan(model))
     return result
 
 
@@ -68,7 +75,7 @@ def save_quantized(model: PreTrainedModel, folder: str | Path, tokenizer: Any = 
         type(model).save_pretrained(model, checkpoint)
         if tokenizer is not None:
             tokenizer.save_pretrained(checkpoint)
-        write_card(card_for(model, folder, report), checkpoint)
+        write_card(card_for(model, folder, report), checkpoint, _plan(model))
         _normal_permissions(checkpoint)
         _install(checkpoint, folder, staging)
     finally:

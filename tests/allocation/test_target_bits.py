@@ -47,6 +47,9 @@ def test_allocation_reloads_without_data(tiny_checkpoints: dict, tmp_path: Path)
     saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert saved["target_bits"] == 3.5 and len(saved["candidates"]) == 3
     assert len(saved["plan"]["schemes"]) >= 2
+    card = (tmp_path / "README.md").read_text()
+    assert "| `model.layers.1` |" in card and "`self_attn.q_proj`" in card  # the per-layer table by depth
+    assert (tmp_path / "bits_by_depth.png").stat().st_size > 1000
     again = AutoModelForCausalLM.from_pretrained(tmp_path)  # no dataset: the plan is explicit
     with torch.no_grad():
         assert torch.equal(again(EVAL).logits, model(EVAL).logits)
