@@ -51,10 +51,11 @@ def naive_rules(layers: dict[str, tuple[int, int]], budget_bits: float, num_bloc
     edge = {f".layers.{0}.", f".layers.{num_blocks - 1}."}
     fixed = {n: len(formats) - 1 for n in layers if any(e in n for e in edge)}
     budget = budget_bits * sum(i * o for i, o in layers.values()) - sum(size[n][k] for n, k in fixed.items())
-    if budget < 0:
-        raise ValueError(f"the first and last blocks in int8 alone exceed {budget_bits} bits/weight")
     rest = [n for n in layers if n not in fixed]
-    level = max((k for k in range(len(formats)) if sum(size[n][k] for n in rest) <= budget), default=0)
+    level = max((k for k in range(len(formats)) if sum(size[n][k] for n in rest) <= budget), default=None)
+    if level is None:
+        raise ValueError(f"the first and last blocks in int8 leave too little of {budget_bits} bits/weight "
+                         "for the other layers at the smallest candidate")
     choice = {**fixed, **{n: level for n in rest}}
     used = sum(size[n][k] for n, k in choice.items() if n in rest)
     for name in rest:
@@ -124,8 +125,13 @@ def rank_check(base, ids, args: argparse.Namespace, calib) -> dict:  # noqa: ANN
     names = list(_layers(base))
     sample = names[:: max(1, len(names) // args.rank_layers)][: args.rank_layers]
     probe_model = copy.deepcopy(base)
-    errors = measure_sensitivity(probe_model, list(calib.split(8)), {n: probe_model.get_submodule(n) for n in sample},
-                                 [fmt], lambda w, f: rtn.quantize(w, f, rtn.options()), float_weight, progress=False)
+    proxies = {}
+    for weighted in (True, False):
+        errors = measure_sensitivity(probe_model, list(calib.split(8)),
+                                     {n: probe_model.get_submodule(n) for n in sample}, [fmt],
+                                     lambda w, f: rtn.quantize(w, f, rtn.options()), float_weight, fisher=weighted,
+                                     progress=False)
+        proxies["fisher" if weighted else "unweighted"] = torch.tensor([errors[n][0] for n in sample])
     del probe_model
     measured = {}
     for name in sample:
@@ -134,10 +140,10 @@ def rank_check(base, ids, args: argparse.Namespace, calib) -> dict:  # noqa: ANN
         quantize_layer_in_place(model, name, rtn.quantize(weight, fmt, rtn.options()), LayerScheme(fmt))
         measured[name] = drift(model, base, ids, seqlen=args.seqlen, progress=False).mean_kl
         del model
-    proxy = torch.tensor([errors[n][0] for n in sample])
     kl = torch.tensor([measured[n] for n in sample])
-    rho = float(torch.corrcoef(torch.stack([_ranks(proxy), _ranks(kl)]))[0, 1])
-    return {"layers": sample, "proxy": proxy.tolist(), "kl": kl.tolist(), "spearman_rho": rho}
+    rho = {k: float(torch.corrcoef(torch.stack([_ranks(v), _ranks(kl)]))[0, 1]) for k, v in proxies.items()}
+    return {"layers": sample, "proxy": {k: v.tolist() for k, v in proxies.items()}, "kl": kl.tolist(),
+            "spearman_rho": rho}
 
 
 def _ranks(values):  # noqa: ANN001, ANN202
@@ -187,8 +193,10 @@ def main() -> None:
              f"allocation calibrated on {args.num_samples} x {args.calib_seqlen} train tokens; candidates "
              f"{CANDIDATES}; load average before each row: {loads}", "", markdown_table(reports, baseline=reports[0])]
     if ranks:
+        rho = ranks[0]["spearman_rho"]
         lines += ["", f"Sensitivity proxy vs end-to-end KL of that layer alone ({len(ranks[0]['layers'])} layers, "
-                      f"int2-g64, {args.rank_tokens} tokens): Spearman's rho = {ranks[0]['spearman_rho']:.3f}"]
+                      f"int2-g64, {args.rank_tokens} tokens): Spearman's rho = {rho['fisher']:.3f} (Fisher-weighted, "
+                      f"the allocator's), {rho['unweighted']:.3f} (unweighted output error)"]
     lines += [f"- {r['row']}: failed: {r['error'].splitlines()[-1] if r['error'] else '?'}" for r in results
               if "error" in r]
     payload = {"env": environment(), "args": vars(args), "rows": results}

@@ -106,3 +106,27 @@ def test_cli_quantize_with_target_bits(tiny_checkpoints: dict, tmp_path: Path) -
               "int2-g32", "int4-g32", "--num-samples", "4", "--calib-seqlen", "32"])
     saved = json.loads((out / "config.json").read_text())["quantization_config"]
     assert saved["target_bits"] == 3.5 and set(saved["plan"]["schemes"]) == {"int2-g32-asym", "int4-g32-asym"}
+
+
+def test_output_fisher_equals_autograd_of_the_loss() -> None:
+    """The hook-based Fisher equals E[(dL/dy)^2] computed directly with torch.autograd.grad."""
+    import torch.nn.functional as F
+
+    from hfquant.sensitivity import output_fisher
+    from tiny_models import build
+
+    model = build("llama")
+    name = "model.layers.1.mlp.down_proj"
+    layer = model.get_submodule(name)
+    got = output_fisher(model, [TOKENS[:2]], {name: layer})[name]
+    total = torch.zeros(layer.out_features, dtype=torch.float64)
+    for ids in TOKENS[:2].split(1):
+        captured = {}
+        handle = layer.register_forward_hook(lambda _m, _a, out: captured.setdefault("y", out))
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        logits = model(inputs_embeds=embeds, use_cache=False).logits
+        handle.remove()
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum"), captured["y"])
+        total += grad.double().pow(2).reshape(-1, grad.shape[-1]).sum(0)
+    torch.testing.assert_close(got, total / (2 * (TOKENS.shape[1] - 1)), rtol=1e-5, atol=1e-12)
+    assert all(p.requires_grad for p in model.parameters())  # restored after the pass
