@@ -14,7 +14,8 @@ from round-to-nearest, alternate for ``iterations`` steps, per row of a group:
 Parameters stay in the format's stored form at every step (float16 scales, integer zero points),
 so the checkpoint layout is the format's own. Each row keeps the grid with the lowest mean absolute
 error ``|w - w_r|`` seen (the RTN grid included), so HQQ never does worse than RTN on that error.
-Streams while the checkpoint loads, like RTN. Formats without a scale (fp16, bf16) do not apply.
+All groups of a layer are optimised at once (batched tensor maths). Streams while the checkpoint
+loads, like RTN. Formats without a scale (fp16, bf16) do not apply.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 from hfquant.algorithms import Method, register_method
 from hfquant.formats import QuantizedWeight, WeightFormat
-from hfquant.formats.base import Params, stored_scale
+from hfquant.formats.base import Params, check_weight, stored_scale
 from hfquant.validation import require_float, require_int
 
 
@@ -104,10 +105,32 @@ def hqq_params(w: torch.Tensor, fmt: WeightFormat, options: HQQOptions) -> Param
     return best
 
 
+def group_rows(w: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``w`` ``(rows, cols)`` as ``(rows · full groups, width)`` rows of whole groups, and the shorter last group."""
+    rows, cols = w.shape
+    whole = cols // width * width
+    batched = w[:, :whole].reshape(rows * (whole // width), width)
+    return batched, (w[:, whole:] if whole < cols else None)
+
+
 def half_quadratic(weight: torch.Tensor, fmt: WeightFormat, options: Any) -> QuantizedWeight:
-    """HQQ-optimised grids for every group of ``weight``, then rounding onto them."""
+    """HQQ-optimised grids for every group of ``weight``, then rounding onto them.
+
+    Every (row, group) of a layer is an independent problem, so all whole groups are optimised at
+    once as the rows of one ``(rows · groups, width)`` matrix; a shorter last group gets its own call.
+    """
     HQQ.check_format(fmt)
-    return fmt.quantize(weight, choose_params=lambda group: hqq_params(group, fmt, options or HQQOptions()))
+    options = options or HQQOptions()
+    check_weight(weight)
+    w = weight.detach().float()
+    rows, cols = w.shape
+    batched, rest = group_rows(w, fmt.group_width(cols))
+    whole = {k: v.reshape(rows, -1) for k, v in hqq_params(batched, fmt, options).items()} if batched.numel() else {}
+    grids = [{k: v[:, g] for k, v in whole.items()} for g in range(batched.shape[0] // rows if rows else 0)]
+    if rest is not None:
+        grids.append(hqq_params(rest, fmt, options))
+    per_group = iter(grids)
+    return fmt.quantize(w, choose_params=lambda _group: next(per_group))
 
 
 HQQ = register_method(Method(name="hqq", calibrated=False, options=HQQOptions, quantize=half_quadratic,

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 import hfquant
-from hfquant.algorithms.hqq import HQQOptions, applies_to, half_quadratic, refit, shrink
+from hfquant.algorithms.hqq import HQQOptions, applies_to, half_quadratic, hqq_params, refit, shrink
 from hfquant.formats import format_names, make_format
 
 FORMATS = [name for name in format_names() if applies_to(make_format(name)) is None]
@@ -37,6 +37,19 @@ def test_hqq_is_never_worse_than_rtn_on_its_error(name: str, rows: int, cols: in
     rtn, hqq = fmt.quantize(weight), half_quadratic(weight, fmt, HQQOptions(iterations=5))
     assert bool((_group_errors(weight, hqq, fmt) <= _group_errors(weight, rtn, fmt)).all())
     assert fmt.check_stored(hqq.stored(), cols) is None  # scales and zero points in the format's stored form
+
+
+@pytest.mark.parametrize(("name", "shape", "group_size"), [("int4", (7, 100), 32), ("int3", (5, 64), 16),
+                                                          ("nf4", (3, 40), -1), ("fp8", (4, 50), 16)])
+def test_batched_groups_equal_one_group_at_a_time(name: str, shape: tuple[int, int], group_size: int) -> None:
+    """The layer-at-once optimisation gives the per-group reference's grids and codes (short last group too)."""
+    fmt = make_format(name, group_size=group_size)
+    weight = torch.distributions.StudentT(4.0).sample(shape) * 0.02
+    options = HQQOptions(iterations=8)
+    reference = fmt.quantize(weight, choose_params=lambda group: hqq_params(group, fmt, options))
+    batched = half_quadratic(weight, fmt, options)
+    assert torch.equal(batched.codes, reference.codes)
+    assert all(torch.equal(batched.params[k], reference.params[k]) for k in reference.params)
 
 
 @pytest.mark.parametrize("name", ["int4", "int3", "nf4", "ternary"])
