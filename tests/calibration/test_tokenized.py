@@ -44,6 +44,19 @@ def test_token_dicts_equal_text_calibration_bit_exactly(tiny_checkpoints: dict) 
         assert tokens.config.quantization_config.calibration["num_samples"] == 4
 
 
+def test_token_dicts_equal_tensor_calibration_bit_exactly(tiny_checkpoints: dict) -> None:
+    path = tiny_checkpoints["llama"]
+    ids = torch.randint(2, 100, (3, 16), generator=torch.Generator().manual_seed(3))
+    settings = {"bits": 4, "group_size": 32, "method": "gptq"}
+    tensor = AutoModelForCausalLM.from_pretrained(path, quantization_config=hfquant.HfQuantConfig(dataset=ids,
+                                                                                                  **settings))
+    dicts = AutoModelForCausalLM.from_pretrained(path, quantization_config=hfquant.HfQuantConfig(
+        dataset=_examples(ids, pad_every=1), **settings))  # every row padded: the padding must not matter
+    expected, got = _state(tensor), _state(dicts)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
 def test_padding_is_dropped() -> None:
     padded = [{"input_ids": [5, 6, 7, PAD, PAD], "attention_mask": [1, 1, 1, 0, 0]},
               {"input_ids": [PAD, 8, 9, 10], "attention_mask": [0, 1, 1, 1]}]  # left padding too
