@@ -172,24 +172,24 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"Caveat: {GRID_CAVEAT}",
         "",
         ("| row | bits/weight | checkpoint MB | PPL (gptq) | ΔPPL (gptq) | PPL (strided) | ΔPPL (strided) | "
-         "mean KL ± SE | SE (windows) | p99 KL | top-1 | quantize s | load avg 1 min |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+         "mean KL ± SE | SE (windows) | median KL | p99 KL | max KL | top-1 ± SE | mean Δp ± SE | "
+         "PPL ratio ± SE | quantize s | load avg 1 min |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for spec, part in causal:
         report = part["report"]
         ppl = {protocol: result["ppl"] for protocol, result in report["perplexity"].items()}
         deltas = {p: ppl[p] - base_ppl[p]["ppl"] if p in base_ppl and p in ppl else None for p in ppl}
         drift = report["drift"] or {}
-        mean_kl = _f(drift.get("mean_kl"), "{:.5f}")
-        if drift.get("mean_kl_stderr") is not None:
-            mean_kl += f" ± {drift['mean_kl_stderr']:.5f}"
         lines.append(
             f"| {spec} | {_f(part['bits_per_weight'], '{:.3f}')} | {part['checkpoint_bytes'] / 1e6:.2f} | "
             f"{_f(ppl.get('gptq'), '{:.3f}')} | {_f(deltas.get('gptq'), '{:+.3f}')} | "
-            f"{_f(ppl.get('strided'), '{:.3f}')} | {_f(deltas.get('strided'), '{:+.3f}')} | {mean_kl} | "
-            f"{_f(drift.get('mean_kl_stderr_windows'), '{:.5f}')} | {_f(drift.get('p99_kl'), '{:.4f}')} | "
-            f"{_f(drift.get('top1_agreement'), '{:.2%}')} | {_f(part['quantize_seconds'], '{:.1f}')} | "
-            f"{_load(part)} |")
+            f"{_f(ppl.get('strided'), '{:.3f}')} | {_f(deltas.get('strided'), '{:+.3f}')} | "
+            f"{_pm(drift, 'mean_kl', '{:.5f}')} | {_f(drift.get('mean_kl_stderr_windows'), '{:.5f}')} | "
+            f"{_f(drift.get('median_kl'), '{:.4f}')} | {_f(drift.get('p99_kl'), '{:.4f}')} | "
+            f"{_f(drift.get('max_kl'), '{:.3f}')} | {_pm(drift, 'top1_agreement', '{:.2%}')} | "
+            f"{_pm(drift, 'mean_delta_p', '{:+.2%}')} | {_pm(drift, 'ppl_ratio', '{:.4f}')} | "
+            f"{_f(part['quantize_seconds'], '{:.1f}')} | {_load(part)} |")
     lines += [
         "",
         ("| row | bits/weight | mean cos | min cos | p01 cos | 1 − mean cos | similarity Pearson | "
@@ -203,12 +203,22 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"{d['p01_cosine']:.5f} | {max(0.0, 1 - d['mean_cosine']):.2e} | {d['similarity_pearson']:.5f} | "
             f"{d['similarity_spearman']:.5f} | {d['similarity_mean_abs_diff']:.5f} | "
             f"{_f(part['quantize_seconds'], '{:.1f}')} | {_load(part)} |")
-    lines += ["", ("SE: standard error of the mean KL over tokens (tokens as independent); SE (windows): over "
-                   f"the per-window means of the {args.seqlen}-token windows. Load average: 1-minute value when "
-                   "the row's process started → ended.")]
+    lines += ["", ("SE: standard error over tokens (tokens as independent, as llama.cpp's perplexity tool); "
+                   f"SE (windows): of the mean KL over the per-window means of the {args.seqlen}-token windows. "
+                   "mean Δp: the change of the correct next token's probability; PPL ratio: PPL(row)/PPL(fp32) "
+                   "on the same targets (SE by the delta method). Load average: 1-minute value when the row's "
+                   "process started → ended.")]
     failed = [f"- {r['spec']} ({part}): {_last_line(r[part]['error'])}" for r in rows for part in PARTS
               if "error" in r[part]]
     return "\n".join(lines + (["", "Failed rows:", *failed] if failed else []))
+
+
+def _pm(drift: dict[str, Any], key: str, template: str) -> str:
+    """``value ± SE`` of a drift statistic (its ``<key>_stderr``), or the value alone."""
+    value, error = drift.get(key), drift.get(f"{key}_stderr")
+    if value is None:
+        return "–"
+    return template.format(value) + ("" if error is None else " ± " + template.format(error).lstrip("+"))
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:

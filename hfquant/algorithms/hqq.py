@@ -14,7 +14,8 @@ from round-to-nearest, alternate for ``iterations`` steps, per row of a group:
 Parameters stay in the format's stored form at every step (float16 scales, integer zero points),
 so the checkpoint layout is the format's own. Each row keeps the grid with the lowest mean absolute
 error ``|w - w_r|`` seen (the RTN grid included), so HQQ never does worse than RTN on that error.
-Streams while the checkpoint loads, like RTN. Formats without a scale (fp16, bf16) do not apply.
+All whole groups of a layer are optimised together (batched tensor maths, in cache-sized chunks). Streams while the checkpoint
+loads, like RTN. Formats without a scale (fp16, bf16) do not apply.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 from hfquant.algorithms import Method, register_method
 from hfquant.formats import QuantizedWeight, WeightFormat
-from hfquant.formats.base import Params, stored_scale
+from hfquant.formats.base import Params, check_weight, stored_scale
 from hfquant.validation import require_float, require_int
 
 
@@ -91,12 +92,14 @@ def hqq_params(w: torch.Tensor, fmt: WeightFormat, options: HQQOptions) -> Param
         return codes, fmt.dequantize(codes, grid, torch.float32)
 
     codes, rounded = values(params)
-    best, best_error = dict(params), (w - rounded).abs().mean(dim=1)
+    residual = w - rounded
+    best, best_error = dict(params), residual.abs().mean(dim=1)
     beta = options.beta
     for _ in range(options.iterations):
-        params = refit(fmt, codes, w - shrink(w - rounded, beta, options.lp_norm), params)
+        params = refit(fmt, codes, w - shrink(residual, beta, options.lp_norm), params)
         codes, rounded = values(params)
-        error = (w - rounded).abs().mean(dim=1)
+        residual = w - rounded
+        error = residual.abs().mean(dim=1)
         better = error < best_error
         best = {k: torch.where(better, params[k], best[k]) for k in best}
         best_error = torch.minimum(error, best_error)
@@ -104,10 +107,47 @@ def hqq_params(w: torch.Tensor, fmt: WeightFormat, options: HQQOptions) -> Param
     return best
 
 
+#: Elements per optimisation step (512 KiB of float32): large enough that the per-op overhead is
+#: small, small enough that the step's temporaries stay in cache. The whole layer at once measured
+#: about 2x slower than this on a 1536x576 layer (one thread); the rows are independent problems.
+CHUNK_ELEMENTS = 2**17
+
+
+def group_rows(w: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``w`` ``(rows, cols)`` as ``(rows · full groups, width)`` rows of whole groups, and the shorter last group."""
+    rows, cols = w.shape
+    whole = cols // width * width
+    batched = w[:, :whole].reshape(rows * (whole // width), width)
+    return batched, (w[:, whole:] if whole < cols else None)
+
+
+def chunked_hqq_params(w: torch.Tensor, fmt: WeightFormat, options: HQQOptions) -> Params:
+    """:func:`hqq_params` of the rows of ``w`` in chunks of about :data:`CHUNK_ELEMENTS` (same result)."""
+    step = max(1, CHUNK_ELEMENTS // max(1, w.shape[1]))
+    parts = [hqq_params(rows, fmt, options) for rows in w.split(step)]
+    return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+
+
 def half_quadratic(weight: torch.Tensor, fmt: WeightFormat, options: Any) -> QuantizedWeight:
-    """HQQ-optimised grids for every group of ``weight``, then rounding onto them."""
+    """HQQ-optimised grids for every group of ``weight``, then rounding onto them.
+
+    Every (row, group) of a layer is an independent problem, so all whole groups are optimised
+    together as the rows of one ``(rows · groups, width)`` matrix, in cache-sized chunks of rows;
+    a shorter last group is optimised on its own.
+    """
     HQQ.check_format(fmt)
-    return fmt.quantize(weight, choose_params=lambda group: hqq_params(group, fmt, options or HQQOptions()))
+    options = options or HQQOptions()
+    check_weight(weight)
+    w = weight.detach().float()
+    rows, cols = w.shape
+    batched, rest = group_rows(w, fmt.group_width(cols))
+    whole = ({k: v.reshape(rows, -1) for k, v in chunked_hqq_params(batched, fmt, options).items()}
+             if batched.numel() else {})
+    grids = [{k: v[:, g] for k, v in whole.items()} for g in range(batched.shape[0] // rows if rows else 0)]
+    if rest is not None:
+        grids.append(chunked_hqq_params(rest, fmt, options))
+    per_group = iter(grids)
+    return fmt.quantize(w, choose_params=lambda _group: next(per_group))
 
 
 HQQ = register_method(Method(name="hqq", calibrated=False, options=HQQOptions, quantize=half_quadratic,

@@ -11,6 +11,10 @@
 * a ``datasets.Dataset``, or a ``datasets.DatasetDict`` (split ``split`` is used);
 * a list of strings, one text a row.
 
+Tokenized examples (GPTQModel / AutoGPTQ style) are taken too, by :func:`tokenized_batch`: a list of
+``{"input_ids": [...], "attention_mask": [...]}`` dicts, or a ``datasets.Dataset`` with an ``input_ids``
+column; ``attention_mask`` zeros (padding) are dropped before anything is seen by the engine.
+
 The token stream is the rows joined with :data:`JOINER` (``"\\n\\n"``, as in the GPTQ reference code) and
 tokenized without special tokens anywhere (no BOS at row starts, nor at the start of the stream). The
 rows are tokenized with ``Dataset.map(batched=True)``, each row with the joiner appended (all but the
@@ -53,8 +57,12 @@ __all__ = [
     "PresetUnavailableError",
     "calibration_batches",
     "check_calibration_inputs",
+    "cut_windows",
     "describe_source",
+    "is_tokenized",
     "load_text",
+    "tokenized_batch",
+    "unpadded_examples",
 ]
 
 Source = None | str | os.PathLike | Sequence[str | os.PathLike] | Dataset | DatasetDict
@@ -165,7 +173,10 @@ class CalibrationSpec:
 def describe_source(source: Source) -> str:
     """A short provenance string for ``source`` (never the data): ``"bundled:brown"``, a preset name,
     ``"file:a.txt"`` / ``"files:a.txt,b.txt"``, ``"datasets.Dataset(fingerprint=...)"``,
-    ``"datasets.DatasetDict(train=<fingerprint>, ...)"`` or ``"list[str] (N texts)"``."""
+    ``"datasets.DatasetDict(train=<fingerprint>, ...)"``, ``"list[str] (N texts)"`` or
+    ``"tokenized examples (N)"``."""
+    if is_tokenized(source) and not isinstance(source, Dataset):
+        return f"tokenized examples ({len(source)})"
     kind, value = _classify(source)
     if kind == "bundled":
         return BUNDLED_SOURCE
@@ -245,10 +256,16 @@ def calibration_batches(
         raise ValueError(f"seqlen={seqlen} exceeds tokenizer.model_max_length={limit}; allowed: seqlen <= {limit}")
 
     stream = token_stream(tokenizer, load_text(source, split=split, text_column=text_column), text_column)
+    return cut_windows(stream, num_samples, seqlen, seed, mode, describe_source(source))
+
+
+def cut_windows(stream: torch.Tensor, num_samples: int, seqlen: int, seed: int, mode: str,
+                where: str) -> torch.LongTensor:
+    """``(num_samples, seqlen)`` windows of the 1-D token ``stream`` by ``mode`` (see the module docstring)."""
     n_tokens = stream.numel()
     if n_tokens < seqlen:
         raise ValueError(
-            f"the calibration text of {describe_source(source)} has only {n_tokens} tokens, fewer than "
+            f"the calibration text of {where} has only {n_tokens} tokens, fewer than "
             f"seqlen={seqlen}; use more text or a smaller seqlen (allowed: seqlen <= {n_tokens})"
         )
     if mode == "random":
@@ -259,10 +276,77 @@ def calibration_batches(
         if fit < num_samples:
             raise ValueError(
                 f"mode='chunk': only {fit} non-overlapping windows of seqlen={seqlen} fit in the {n_tokens} tokens "
-                f"of {describe_source(source)}, fewer than num_samples={num_samples} (allowed: num_samples <= {fit})"
+                f"of {where}, fewer than num_samples={num_samples} (allowed: num_samples <= {fit})"
             )
         starts = torch.arange(num_samples) * seqlen
     return stream[starts[:, None] + torch.arange(seqlen)].long()
+
+
+def is_tokenized(dataset: Any) -> bool:
+    """Whether ``dataset`` is tokenized examples: a list of ``{"input_ids": ...}`` dicts (GPTQModel /
+    AutoGPTQ style) or a ``datasets.Dataset`` with an ``input_ids`` column."""
+    if isinstance(dataset, Dataset):
+        return "input_ids" in dataset.column_names
+    return isinstance(dataset, (list, tuple)) and bool(dataset) and all(isinstance(x, Mapping) for x in dataset)
+
+
+def unpadded_examples(dataset: Sequence[Mapping[str, Any]] | Dataset) -> list[torch.Tensor]:
+    """The 1-D int64 ids of each tokenized example with its padding (``attention_mask`` zeros) removed.
+
+    ``input_ids`` (and ``attention_mask`` when given) of an example are a flat sequence of integers,
+    or a ``(1, n)`` tensor/list as a tokenizer called with ``return_tensors`` gives. Raises ``ValueError``
+    naming the field (``dataset[i]['input_ids']`` / ``dataset[i]['attention_mask']``) for a missing,
+    non-integer, mis-shaped or mismatched one, a mask value other than 0/1, and an example left empty.
+    """
+    rows = dataset.select_columns([c for c in ("input_ids", "attention_mask") if c in dataset.column_names]) \
+        if isinstance(dataset, Dataset) else dataset
+    examples = []
+    for index, example in enumerate(rows):
+        if "input_ids" not in example:
+            raise ValueError(f"dataset[{index}] has no 'input_ids'; allowed: a dict with 'input_ids' and optionally "
+                             f"'attention_mask', got keys {sorted(example)}")
+        ids = _flat_integers(example["input_ids"], f"dataset[{index}]['input_ids']")
+        mask = example.get("attention_mask")
+        if mask is not None:
+            mask = _flat_integers(mask, f"dataset[{index}]['attention_mask']")
+            if mask.shape != ids.shape:
+                raise ValueError(f"dataset[{index}]['attention_mask'] has {mask.numel()} entries but input_ids has "
+                                 f"{ids.numel()}; allowed: one 0/1 entry per token")
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError(f"dataset[{index}]['attention_mask'] holds values other than 0 and 1")
+            ids = ids[mask.bool()]
+        if ids.numel() == 0:
+            raise ValueError(f"dataset[{index}]['input_ids'] has no unmasked token; allowed: at least one")
+        examples.append(ids)
+    return examples
+
+
+def tokenized_batch(dataset: Sequence[Mapping[str, Any]] | Dataset, num_samples: int, seqlen: int, seed: int,
+                    mode: str = "random") -> torch.LongTensor:
+    """Calibration ids from tokenized examples; padding never enters.
+
+    Examples whose unpadded lengths are all equal are the samples as given (``(len(examples), length)``);
+    otherwise their unpadded ids are joined into one stream and ``num_samples`` windows of ``seqlen``
+    are cut from it as for text (:func:`cut_windows`), since the engine takes one rectangular batch.
+    """
+    examples = unpadded_examples(dataset)
+    if len({ids.numel() for ids in examples}) == 1:
+        return torch.stack(examples)
+    return cut_windows(torch.cat(examples), num_samples, seqlen, seed, mode, f"{len(examples)} tokenized examples")
+
+
+def _flat_integers(value: Any, field: str) -> torch.Tensor:
+    """``value`` (a list, array or tensor of integers, flat or ``(1, n)``) as 1-D int64."""
+    try:
+        tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{field} is not a sequence of integers ({type(value).__name__}): {error}") from None
+    if tensor.dim() == 2 and tensor.shape[0] == 1:
+        tensor = tensor[0]
+    if tensor.dim() != 1 or tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+        raise ValueError(f"{field} must be a flat sequence of integers, got {tensor.dtype} of shape "
+                         f"{tuple(tensor.shape)}; allowed: shape (n,) or (1, n)")
+    return tensor.long()
 
 
 def model_vocab_size(model: Any) -> int | None:

@@ -29,6 +29,10 @@ class DriftResult:
     window are correlated, so ``mean_kl_stderr_windows`` takes per-window means as the independent
     units (noisy itself with few windows). Two rows whose mean KLs differ by less than about two
     standard errors are not separated by this evaluation.
+
+    ``mean_delta_p`` (the mean change of the correct next token's probability, negative when the model
+    got worse), ``ln_ppl_ratio`` / ``ppl_ratio`` (PPL(model) / PPL(base) on the same tokens) and their
+    ``*_stderr`` are over the ``num_targets`` positions that have a next token in their window.
     """
 
     mean_kl: float
@@ -40,6 +44,14 @@ class DriftResult:
     mean_kl_stderr_windows: float | None = None
     median_kl: float | None = None
     num_windows: int | None = None
+    top1_agreement_stderr: float | None = None
+    mean_delta_p: float | None = None
+    mean_delta_p_stderr: float | None = None
+    ln_ppl_ratio: float | None = None
+    ln_ppl_ratio_stderr: float | None = None
+    ppl_ratio: float | None = None
+    ppl_ratio_stderr: float | None = None
+    num_targets: int | None = None
 
 
 @dataclass

@@ -7,7 +7,8 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
 from hfquant.algorithms import get_method
-from hfquant.calibration.data import calibration_batches, check_calibration_inputs, describe_source
+from hfquant.calibration.data import (calibration_batches, check_calibration_inputs, describe_source,
+                                      is_tokenized, tokenized_batch)
 from hfquant.calibration.pipeline import quantize_sequentially
 from hfquant.hf.config import HfQuantConfig
 from hfquant.formats import QuantizedWeight
@@ -20,19 +21,23 @@ logger = logging.getLogger(__name__)
 
 
 def calibration_tokens(model: PreTrainedModel, config: HfQuantConfig) -> torch.Tensor:
-    """``(num_samples, seqlen)`` token ids from ``config.dataset`` (or pre-tokenized ids given as a tensor)."""
-    check_calibration_inputs(model, config.dataset, config.tokenizer, AutoTokenizer.from_pretrained)
-    if isinstance(config.dataset, torch.Tensor):
-        if config.dataset.dim() != 2 or config.dataset.dtype != torch.long:
+    """``(num_samples, seqlen)`` token ids from ``config.dataset``: text, pre-tokenized ids given as a tensor,
+    or tokenized examples (a list of ``input_ids``/``attention_mask`` dicts, a tokenized ``datasets.Dataset``)."""
+    dataset = config.dataset
+    if is_tokenized(dataset):
+        dataset = tokenized_batch(dataset, config.num_samples, config.seqlen, config.seed)
+    check_calibration_inputs(model, dataset, config.tokenizer, AutoTokenizer.from_pretrained)
+    if isinstance(dataset, torch.Tensor):
+        if dataset.dim() != 2 or dataset.dtype != torch.long:
             raise ValueError(f"dataset given as a tensor must be int64 (num_samples, seqlen), got "
-                             f"{config.dataset.dtype} {tuple(config.dataset.shape)}")
-        config.num_samples, config.seqlen = config.dataset.shape
+                             f"{dataset.dtype} {tuple(dataset.shape)}")
+        config.num_samples, config.seqlen = dataset.shape
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions is not None and config.seqlen > max_positions:
         raise ValueError(f"seqlen={config.seqlen} is above the model's context of {max_positions} tokens; "
                          f"allowed: 2..{max_positions}")
-    if isinstance(config.dataset, torch.Tensor):
-        return config.dataset
+    if isinstance(dataset, torch.Tensor):
+        return dataset
     tokenizer = config.tokenizer
     if tokenizer is None or isinstance(tokenizer, str):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer or model.name_or_path)

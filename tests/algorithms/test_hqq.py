@@ -39,6 +39,50 @@ def test_hqq_is_never_worse_than_rtn_on_its_error(name: str, rows: int, cols: in
     assert fmt.check_stored(hqq.stored(), cols) is None  # scales and zero points in the format's stored form
 
 
+def _per_group_reference(weight: torch.Tensor, fmt, options: HQQOptions):  # noqa: ANN001, ANN202
+    """HQQ as first written (before batching): one group at a time through ``fmt.quantize``."""
+
+    def one_group(w: torch.Tensor) -> dict[str, torch.Tensor]:
+        w = w.float()
+        params = fmt.choose_params(w)
+
+        def values(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            grid = {k: v[:, None] for k, v in p.items()}
+            codes = fmt.round(w, grid)
+            return codes, fmt.dequantize(codes, grid, torch.float32)
+
+        codes, rounded = values(params)
+        best, best_error = dict(params), (w - rounded).abs().mean(dim=1)
+        beta = options.beta
+        for _ in range(options.iterations):
+            params = refit(fmt, codes, w - shrink(w - rounded, beta, options.lp_norm), params)
+            codes, rounded = values(params)
+            error = (w - rounded).abs().mean(dim=1)
+            better = error < best_error
+            best = {k: torch.where(better, params[k], best[k]) for k in best}
+            best_error = torch.minimum(error, best_error)
+            beta *= options.kappa
+        return best
+
+    return fmt.quantize(weight, choose_params=one_group)
+
+
+@pytest.mark.parametrize(("name", "shape", "group_size"), [("int4", (7, 100), 32), ("int3", (5, 64), 16),
+                                                          ("nf4", (3, 40), -1), ("fp8", (4, 50), 16),
+                                                          ("int4", (600, 520), 128)])  # several chunks
+def test_batched_groups_equal_one_group_at_a_time(name: str, shape: tuple[int, int], group_size: int) -> None:
+    """The layer-at-once optimisation gives the per-group original's grids and codes (short last group too)."""
+    fmt = make_format(name, group_size=group_size)
+    torch.manual_seed(sum(shape))
+    weight = torch.distributions.StudentT(4.0).sample(shape) * 0.02
+    options = HQQOptions(iterations=8)
+    reference = _per_group_reference(weight, fmt, options)
+    batched = half_quadratic(weight, fmt, options)
+    assert torch.equal(batched.codes, reference.codes)
+    assert batched.params.keys() == reference.params.keys()
+    assert all(torch.equal(batched.params[k], reference.params[k]) for k in reference.params)
+
+
 @pytest.mark.parametrize("name", ["int4", "int3", "nf4", "ternary"])
 def test_hqq_lowers_the_error_of_a_real_looking_weight(name: str) -> None:
     """Heavy-tailed weights, the case HQQ is for: the mean absolute error drops by at least 2%."""

@@ -101,3 +101,58 @@ def test_mismatched_models_are_rejected(base_model, input_ids):
         drift(base_model, short_context, input_ids, SEQLEN, progress=False)
     with pytest.raises(ValueError, match="vocabularies"):
         drift(tiny_llama(vocab_size=101), base_model, input_ids, SEQLEN, progress=False)
+
+
+def reference_correct_token_stats(model, base_model, input_ids, seqlen):
+    """Δp, ln PPL ratio and top-1 SE computed token by token in plain Python."""
+    gaps, delta_ps, agreements = [], [], []
+    for start in range(0, len(input_ids) - seqlen + 1, seqlen):
+        window = input_ids[None, start : start + seqlen]
+        probs = F.softmax(model(window).logits[0].double(), dim=-1)
+        base_probs = F.softmax(base_model(window).logits[0].double(), dim=-1)
+        for position in range(seqlen):
+            agreements.append(float(probs[position].argmax() == base_probs[position].argmax()))
+            if position + 1 < seqlen:
+                target = int(window[0, position + 1])
+                p, q = probs[position, target].item(), base_probs[position, target].item()
+                delta_ps.append(p - q)
+                gaps.append(-torch.log(torch.tensor(p, dtype=torch.float64)).item()
+                            + torch.log(torch.tensor(q, dtype=torch.float64)).item())
+    rate = statistics.fmean(agreements)
+    return {
+        "mean_delta_p": statistics.fmean(delta_ps),
+        "mean_delta_p_stderr": statistics.stdev(delta_ps) / len(delta_ps) ** 0.5,
+        "ln_ppl_ratio": statistics.fmean(gaps),
+        "ln_ppl_ratio_stderr": statistics.stdev(gaps) / len(gaps) ** 0.5,
+        "top1_agreement_stderr": (rate * (1 - rate) / (len(agreements) - 1)) ** 0.5,
+        "num_targets": len(gaps),
+    }
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_correct_token_statistics_match_a_reference(base_model, perturbed_model, input_ids, batch_size):
+    with torch.inference_mode():
+        expected = reference_correct_token_stats(perturbed_model, base_model, input_ids, SEQLEN)
+        result = drift(perturbed_model, base_model, input_ids, SEQLEN, batch_size=batch_size, progress=False)
+    assert result.num_targets == expected["num_targets"] == 3 * (SEQLEN - 1)
+    for key in ("mean_delta_p", "mean_delta_p_stderr", "ln_ppl_ratio", "ln_ppl_ratio_stderr", "top1_agreement_stderr"):
+        assert getattr(result, key) == pytest.approx(expected[key], rel=1e-7, abs=1e-12), key
+    assert result.ppl_ratio == pytest.approx(torch.tensor(expected["ln_ppl_ratio"]).exp().item(), rel=1e-7)
+    assert result.ppl_ratio_stderr == pytest.approx(result.ppl_ratio * expected["ln_ppl_ratio_stderr"], rel=1e-7)
+
+
+def test_ppl_ratio_is_the_ratio_of_window_perplexities(base_model, perturbed_model, input_ids):
+    """exp(mean NLL gap) equals PPL(model)/PPL(base) computed from the models' own losses on the same targets."""
+    from hfquant.evaluation import perplexity_gptq
+
+    with torch.inference_mode():
+        result = drift(perturbed_model, base_model, input_ids, SEQLEN, progress=False)
+        ppl = perplexity_gptq(perturbed_model, input_ids, SEQLEN, progress=False).ppl
+        base_ppl = perplexity_gptq(base_model, input_ids, SEQLEN, progress=False).ppl
+    assert result.ppl_ratio == pytest.approx(ppl / base_ppl, rel=1e-4)
+
+
+def test_no_drift_statistics_of_a_model_against_itself(base_model, input_ids):
+    result = drift(base_model, base_model, input_ids, SEQLEN, progress=False)
+    assert (result.mean_delta_p, result.ln_ppl_ratio, result.ppl_ratio) == (0.0, 0.0, 1.0)
+    assert result.top1_agreement_stderr == 0.0

@@ -95,20 +95,31 @@ def test_model_index_requires_perplexity():
 def test_markdown_table_with_baseline(baseline, quantized):
     header = (
         "| config | bits/weight | size (MB) | PPL (gptq) | ΔPPL (gptq) | PPL (strided) | ΔPPL (strided) "
-        "| mean KL | top-1 | quantize time (s) |"
+        "| mean KL | top-1 | median / p99 / max KL | mean Δp | PPL ratio | quantize time (s) |"
     )
     assert markdown_table([baseline, quantized], baseline).splitlines() == [
         header,
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        "| org/tiny | 16.000 | 4.00 | 10.000 | +0.000 | 9.500 | +0.000 | – | – | – |",
-        "| method=gptq, bits=4, group_size=128 | 4.156 | 1.25 | 10.500 | +0.500 | – | – | 0.01230 | 95.12% | 12.3 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| org/tiny | 16.000 | 4.00 | 10.000 | +0.000 | 9.500 | +0.000 | – | – | – | – | – | – |",
+        "| method=gptq, bits=4, group_size=128 | 4.156 | 1.25 | 10.500 | +0.500 | – | – | 0.01230 | 95.12% | – | – | – "
+        "| 12.3 |",
     ]
+
+
+def test_markdown_table_shows_uncertainties(quantized):
+    quantized.drift = DriftResult(mean_kl=0.0123, p99_kl=0.2, max_kl=1.5, top1_agreement=0.9512, num_tokens=1000,
+                                  mean_kl_stderr=0.0004, median_kl=0.004, top1_agreement_stderr=0.0068,
+                                  mean_delta_p=-0.0123, mean_delta_p_stderr=0.001, ppl_ratio=1.05,
+                                  ppl_ratio_stderr=0.0031)
+    row = markdown_table([quantized]).splitlines()[2]
+    assert row == ("| method=gptq, bits=4, group_size=128 | 4.156 | 1.25 | 10.500 | 0.01230 ± 0.00040 | 95.12% ± 0.68% "
+                   "| 0.0040 / 0.2000 / 1.5000 | -1.23% ± 0.10% | 1.0500 ± 0.0031 | 12.3 |")
 
 
 def test_markdown_table_without_baseline_has_no_delta_columns(quantized):
     header, _, row = markdown_table([quantized]).splitlines()
     assert "ΔPPL" not in header
-    assert row == "| method=gptq, bits=4, group_size=128 | 4.156 | 1.25 | 10.500 | 0.01230 | 95.12% | 12.3 |"
+    assert row == "| method=gptq, bits=4, group_size=128 | 4.156 | 1.25 | 10.500 | 0.01230 | 95.12% | – | – | – | 12.3 |"
 
 
 def test_plot_ppl_vs_size_writes_png(baseline, quantized, tmp_path):
