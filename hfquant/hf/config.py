@@ -9,6 +9,7 @@ Saved form (``format_version`` 2)::
 
     {"quant_method": "hfquant", "format_version": 2,
      "format": "int4", "group_size": 128, "sym": false,      # the default scheme's format fields
+     "activations": null,                                      # its input mode (hfquant.activations)
      "rules": {...} | null, "method": "gptq", "gptq": {...},  # method options under the method's key
      "modules_to_not_convert": [...], "plan": {"schemes": {...}, "layers": {...}}, ...}
 
