@@ -33,6 +33,16 @@ Kernels (each a :class:`Kernel` value; the op names are torch's):
   (``max|x| / 448``), so this kernel is W8A8 and never ``"exact"``; its extra error, measured on
   the bundled model through torch's CPU ``_scaled_mm``, is in ``bench/results/fp8_route.md``.
 
+* ``int8-int-mm-cpu`` — ``aten._int_mm`` (``int8 × int8 -> int32``) for layers whose scheme has
+  ``input = int8-dynamic`` (W8A8; only those: :func:`plan_for` matches a kernel's ``activations``
+  to the layer's input mode, so weight-only kernels never run a W8A8 layer nor this one a
+  weight-only layer). The input is quantized per token (:mod:`hfquant.activations`), the weight
+  is its centered symmetric codes ``q - 128``, and ``y = acc · x_scale · w_scale`` in float32,
+  one vectorised expression. Its integer sums are exact, and the reference path
+  (:func:`activation_quantized_linear`) computes the same sums exactly in float64 and dequantizes
+  the same way, so kernel and reference agree bit for bit (tested). torch 2.13's CPU ``_int_mm``
+  takes any shape (checked: M = 1, odd K and N), so no padding is needed.
+
 Kernels take a layer by its format, not its bit width: any format whose decoding is affine in
 the code (``w = (q - zero) · scale``; it defines ``affine(params)``: the integer formats, ternary,
 binary) with codes of a width the kernel takes. Codes of fewer than 4 bits (int2/int3, ternary,
