@@ -87,6 +87,11 @@ def test_scheme_saves_its_input_mode_and_old_schemes_still_load() -> None:
         LayerScheme.from_dict({"weight": W8.to_dict(), "input": "int8-static"})
     with pytest.raises(ValueError, match="int8-dynamic"):
         LayerScheme(IntAffine(bits=4, group_size=32), INT8_DYNAMIC)
+    with pytest.raises(ValueError, match="plan: scheme.*int8-dynamic.*not allowed with weight format"):
+        hfquant.HfQuantConfig(format="int8", plan={
+            "schemes": {"int4-g32-asym+int8-dynamic": {"weight": IntAffine(bits=4, group_size=32).to_dict(),
+                                                        "input": "int8-dynamic"}},
+            "layers": {"model.layers.0.mlp.up_proj": "int4-g32-asym+int8-dynamic"}})
 
 
 @pytest.mark.parametrize("value", ["int8-static", "INT8-DYNAMIC", "", 8, True, ["int8-dynamic"]])
