@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import hfquant
 from hfquant.activations import INT8_DYNAMIC, get_activation_mode
@@ -120,3 +121,18 @@ def test_config_records_activations_and_rules_set_them_per_layer() -> None:
     assert hfquant.HfQuantConfig(**ruled.to_dict()).quant_plan == ruled.quant_plan
     with pytest.raises(ValueError, match="activations='fp8-dynamic'"):
         hfquant.HfQuantConfig(rules={"mlp": {"format": "int8", "activations": "fp8-dynamic"}})
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_compiles_without_graph_breaks(kernel: bool) -> None:
+    layer, _ = _layer(33, 17)
+    if kernel:
+        assert layer.prepare_kernel(torch.float32) == "int8-int-mm-cpu"
+    x = torch.randn(2, 5, 33, generator=torch.Generator().manual_seed(4))
+    eager = layer(x)
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend=counter, fullgraph=True)(x)
+    torch._dynamo.reset()
+    assert counter.frame_count == 1
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-5)
