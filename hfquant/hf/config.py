@@ -9,6 +9,7 @@ Saved form (``format_version`` 2)::
 
     {"quant_method": "hfquant", "format_version": 2,
      "format": "int4", "group_size": 128, "sym": false,      # the default scheme's format fields
+     "activations": null,                                      # its input mode (hfquant.activations)
      "rules": {...} | null, "method": "gptq", "gptq": {...},  # method options under the method's key
      "modules_to_not_convert": [...], "plan": {"schemes": {...}, "layers": {...}}, ...}
 
@@ -25,13 +26,14 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from hfquant.activations import get_activation_mode
 from hfquant.algorithms import get_method
 from hfquant.formats import FORMAT_FIELD, parse_spec
 from hfquant.formats.affine import BITS
 from hfquant.formats.base import FORMAT_NAMES
 from hfquant.nn.kernels import KERNEL_MODES
 from hfquant.plan import QuantPlan, ResolvedPlan, plan_from_rules
-from hfquant.schemes import LayerScheme, scheme_from_value
+from hfquant.schemes import ACTIVATIONS_FIELD, LayerScheme, scheme_from_value
 from hfquant.validation import require_choice, require_float, require_int, require_pattern
 
 QUANT_METHOD = "hfquant"
@@ -52,6 +54,9 @@ class HfQuantConfig(QuantizationConfigMixin):
         group_size: input columns sharing one scale; -1 = one per output channel; ``None`` = the
             format's default (128 for int4/3/2, per channel for int8 and fp8, 64 for nf4/fp4).
         sym: integer formats: symmetric grid; ``None`` = symmetric at 8 bits, asymmetric below.
+        activations: how the default scheme's layers quantize their input (:mod:`hfquant.activations`):
+            ``None`` (weight-only) or ``"int8-dynamic"`` (per-token int8 at run time; needs symmetric
+            per-channel int8 weights). Per layer: a rule's dict may carry an ``"activations"`` key.
         rules: ordered ``{pattern: format name | dict of format fields | None}``: per-layer schemes;
             the first matching rule wins, ``None`` keeps the layer in full precision (see
             :mod:`hfquant.plan` for the precedence). A pattern matching no layer is an error.
@@ -86,6 +91,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         bits: int | None = None,
         group_size: int | None = None,
         sym: bool | None = None,
+        activations: str | None = None,
         rules: dict[str, Any] | None = None,
         method: str = "rtn",
         modules_to_not_convert: list[str] | None = None,
@@ -115,13 +121,17 @@ class HfQuantConfig(QuantizationConfigMixin):
         registered = get_method(method)
         self.method = registered.name
         format_fields, method_options = self._split_options(format, bits, options)
-        self.default_scheme = _default_scheme(format, bits, group_size, sym, format_fields)
+        self.default_scheme = _with_activations(_default_scheme(format, bits, group_size, sym, format_fields),
+                                                activations)
         rules = _normalise_rules(rules)
         self.quant_plan: QuantPlan = plan_from_rules(self.default_scheme, rules)
         self.rules = _checked_rules(rules, self.quant_plan)
         self.target_bits = None if target_bits is None else require_float("target_bits", target_bits, 0, 32,
                                                                             low_open=True)
         self.candidates = _candidate_schemes(candidates, self.target_bits is not None)
+        if self.target_bits is not None and self.default_scheme.input is not None:
+            raise ValueError(f"activations={activations!r} with target_bits: allowed only activations=None (the "
+                             "allocation chooses among weight-only candidates)")
         if self.target_bits is not None and any(s is not None for _, s in self.quant_plan.rules):
             raise ValueError(f"rules={rules!r} with target_bits: allowed only rules that keep layers in full "
                              "precision (None); the formats of the others are chosen by the allocation")
@@ -178,7 +188,9 @@ class HfQuantConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict[str, Any]:
         """What lands in ``config.json``: no calibration data; method options under the method's name."""
         out: dict[str, Any] = {"quant_method": self.quant_method, "format_version": self.format_version,
-                               **self.default_scheme.weight.to_dict(), "method": self.method,
+                               **self.default_scheme.weight.to_dict(),
+                               "activations": None if self.default_scheme.input is None else self.default_scheme.input.name,
+                               "method": self.method,
                                # pairs, not a mapping: config.json is written with sorted keys, and order is precedence
                                "rules": None if self.rules is None else [list(rule) for rule in self.rules.items()]}
         method_options = dataclasses.asdict(self.options)
@@ -245,6 +257,15 @@ def _candidate_schemes(candidates: Any, budgeted: bool) -> tuple[LayerScheme, ..
     return tuple(schemes)
 
 
+def _with_activations(scheme: LayerScheme, activations: Any) -> LayerScheme:
+    """The default scheme with its input mode; errors name ``activations``."""
+    mode = get_activation_mode(activations, "activations")
+    if mode is None:
+        return scheme
+    mode.check_weight(scheme.weight, "activations")
+    return dataclasses.replace(scheme, input=mode)
+
+
 def _normalise_rules(rules: Any) -> dict[str, Any] | None:
     """Rules as an ordered dict (a list of ``[pattern, value]`` pairs is accepted too, each pattern once)."""
     if rules is None:
@@ -269,7 +290,9 @@ def _checked_rules(rules: dict[str, Any] | None, plan: QuantPlan) -> dict[str, A
     checked = {}
     for (pattern, value), (_, scheme) in zip(rules.items(), plan.rules):
         if isinstance(value, dict):
-            value = {key: str(value[key]) if key == FORMAT_FIELD else getattr(scheme.weight, key) for key in value}
+            value = {key: str(value[key]) if key == FORMAT_FIELD
+                     else (scheme.input and scheme.input.name) if key == ACTIVATIONS_FIELD
+                     else getattr(scheme.weight, key) for key in value}
         checked[str(pattern)] = str(value) if isinstance(value, str) else value
     return checked
 

@@ -33,6 +33,16 @@ Kernels (each a :class:`Kernel` value; the op names are torch's):
   (``max|x| / 448``), so this kernel is W8A8 and never ``"exact"``; its extra error, measured on
   the bundled model through torch's CPU ``_scaled_mm``, is in ``bench/results/fp8_route.md``.
 
+* ``int8-int-mm-cpu`` — ``aten._int_mm`` (``int8 × int8 -> int32``) for layers whose scheme has
+  ``input = int8-dynamic`` (W8A8; only those: :func:`plan_for` matches a kernel's ``activations``
+  to the layer's input mode, so weight-only kernels never run a W8A8 layer nor this one a
+  weight-only layer). The input is quantized per token (:mod:`hfquant.activations`), the weight
+  is its centered symmetric codes ``q - 128``, and ``y = acc · x_scale · w_scale`` in float32,
+  one vectorised expression. Its integer sums are exact, and the reference path
+  (:func:`activation_quantized_linear`) computes the same sums exactly in float64 and dequantizes
+  the same way, so kernel and reference agree bit for bit (tested). torch 2.13's CPU ``_int_mm``
+  takes any shape (checked: M = 1, odd K and N), so no padding is needed.
+
 Kernels take a layer by its format, not its bit width: any format whose decoding is affine in
 the code (``w = (q - zero) · scale``; it defines ``affine(params)``: the integer formats, ternary,
 binary) with codes of a width the kernel takes. Codes of fewer than 4 bits (int2/int3, ternary,
@@ -63,6 +73,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
+from hfquant.activations import INT8_DYNAMIC, ActivationMode
 from hfquant.formats import WeightFormat
 from hfquant.formats.affine import IntAffine
 from hfquant.formats.fp8 import FP8
@@ -96,6 +107,39 @@ def reference_linear(x: torch.Tensor, stored: Tensors, fmt: WeightFormat, in_fea
              for start in range(0, out_features, rows)]
     y = torch.cat(parts, dim=-1)
     return y if bias is None else y + bias
+
+
+def centered_int8_codes(stored: Tensors, fmt: WeightFormat, in_features: int) -> torch.Tensor:
+    """``int8 (out, in)`` weight codes minus the symmetric zero point 128 (``w = codes · scale``)."""
+    codes = fmt.unpack_codes(stored["weight"])[:, :in_features]
+    return (codes.to(torch.uint8) ^ 0x80).view(torch.int8)  # q - 128, two's complement
+
+
+def dequantize_int_accumulator(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """``acc · x_scale · w_scale`` in float32: integer sums ``(M, N)``, per-token ``(M, 1)``, per-channel ``(1, N)``.
+
+    In place on one float32 copy of ``acc`` (same operations, same order, so the same bits as the
+    out-of-place product, with one allocation instead of three).
+    """
+    return acc.to(torch.float32).mul_(x_scale).mul_(w_scale)
+
+
+def activation_quantized_linear(x: torch.Tensor, stored: Tensors, fmt: WeightFormat, mode: ActivationMode,
+                                in_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """Reference path of a W8A8 layer: quantize ``x`` per token with ``mode``, integer matmul with the
+    centered weight codes, dequantize with ``x_scale · w_scale``; the output in ``x``'s dtype.
+
+    The integer sums are computed in float64 (exact: ``|sum| <= 128 · 127 · in_features < 2**53``),
+    so a kernel's int32 sums, dequantized by :func:`dequantize_int_accumulator`, give the same bits.
+    """
+    x2d = x.reshape(-1, x.shape[-1])
+    x_codes, x_scale = mode.quantize(x2d)
+    acc = x_codes.double() @ centered_int8_codes(stored, fmt, in_features).double().T
+    w_scale = fmt.affine(fmt.stored_params(stored))[0].reshape(1, -1)
+    y = dequantize_int_accumulator(acc, x_scale, w_scale).to(x.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,6 +179,7 @@ class Kernel:
     ops: tuple[str, ...] = ()  # aten ops it needs; missing ones make it unavailable
     codes: str = "affine"  # what decoding it takes: "affine" (w = (q - zero) * scale) or "fp8-e4m3"
     quantizes_input: bool = False  # rounds the activations to a narrower type itself (never "exact")
+    activations: str | None = None  # the scheme input mode it implements (None: weight-only layers only)
 
     def takes(self, fmt: WeightFormat, widen: bool) -> bool:
         if not _CODE_KINDS[self.codes](fmt):
@@ -279,6 +324,22 @@ def _matmul_fp8(x2d: torch.Tensor, tensors: Tensors, lay: Layout) -> torch.Tenso
                             out_dtype=x2d.dtype)
 
 
+def _int_mm_layout(fmt: WeightFormat, in_features: int, out_features: int) -> Layout | None:
+    return Layout(in_features=in_features, padded_in=in_features) if INT8_DYNAMIC.takes(fmt) else None
+
+
+def _pack_int_mm(stored: Tensors, fmt: WeightFormat, lay: Layout, dtype: torch.dtype) -> Tensors:
+    return {"weight": centered_int8_codes(stored, fmt, lay.in_features).contiguous(),
+            "scale": fmt.affine(fmt.stored_params(stored))[0].reshape(1, -1).contiguous()}
+
+
+def _matmul_int_mm(x2d: torch.Tensor, tensors: Tensors, lay: Layout) -> torch.Tensor:
+    """``torch._int_mm`` (int8 × int8 -> int32) on per-token int8 inputs, dequantized in one expression."""
+    x_codes, x_scale = INT8_DYNAMIC.quantize(x2d)
+    acc = torch._int_mm(x_codes, tensors["weight"].t())
+    return dequantize_int_accumulator(acc, x_scale, tensors["scale"]).to(x2d.dtype)
+
+
 _INT4_PROBE = IntAffine(bits=4, group_size=32, sym=False)
 _INT8_PROBE = IntAffine(bits=8, group_size=-1, sym=False)
 INT4_CPU = Kernel("int4pack-cpu", "cpu", bits=(4,), probe=_INT4_PROBE, widen_bits=(1, 2, 3), layout=_int4_layout(16),
@@ -293,7 +354,10 @@ INT8_CUDA = Kernel("int8pack-cuda", "cuda", bits=(8,), probe=_INT8_PROBE, layout
                    ops=("_weight_int8pack_mm",))
 FP8_CUDA = Kernel("fp8-scaled-mm-cuda", "cuda", bits=(8,), probe=FP8(group_size=-1, variant="e4m3"), codes="fp8-e4m3",
                   quantizes_input=True, layout=_fp8_layout, pack=_pack_fp8, matmul=_matmul_fp8, ops=("_scaled_mm",))
-KERNELS = {k.name: k for k in (INT4_CPU, INT4_CUDA, INT8_CPU, INT8_CUDA, FP8_CUDA)}
+INT_MM_CPU = Kernel("int8-int-mm-cpu", "cpu", bits=(8,), probe=IntAffine(bits=8, group_size=-1, sym=True),
+                    activations=INT8_DYNAMIC.name, layout=_int_mm_layout, pack=_pack_int_mm, matmul=_matmul_int_mm,
+                    ops=("_int_mm",))
+KERNELS = {k.name: k for k in (INT4_CPU, INT4_CUDA, INT8_CPU, INT8_CUDA, FP8_CUDA, INT_MM_CPU)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,6 +420,9 @@ ROUTES: tuple[Route, ...] = (
     Route("int8pack-cuda", "cuda", torch.float16, max_tokens=2),
     Route("int8pack-cuda", "cuda", torch.float32, max_tokens=2),
     Route("fp8-scaled-mm-cuda", "cuda", torch.bfloat16),
+    Route("int8-int-mm-cpu", "cpu", torch.float32),
+    Route("int8-int-mm-cpu", "cpu", torch.bfloat16),
+    Route("int8-int-mm-cpu", "cpu", torch.float16),
 )
 
 
@@ -392,8 +459,12 @@ def check_mode(mode: str) -> None:
 
 def plan_for(fmt: WeightFormat, in_features: int, out_features: int, device: torch.device | str,
              dtype: torch.dtype, widen: bool = False, mode: str = "auto",
-             routes: tuple[Route, ...] = ROUTES) -> Plan | None:
-    """The first route of the table whose kernel takes this layer and works here; None = reference."""
+             routes: tuple[Route, ...] = ROUTES, activations: str | None = None) -> Plan | None:
+    """The first route of the table whose kernel takes this layer and works here; None = reference.
+
+    ``activations`` is the layer's input mode: only kernels implementing that mode are taken
+    (a weight-only kernel never runs a W8A8 layer, nor the other way round).
+    """
     check_mode(mode)
     if mode == "off":
         return None
@@ -402,6 +473,8 @@ def plan_for(fmt: WeightFormat, in_features: int, out_features: int, device: tor
         if route.device_type != device_type or route.dtype != dtype or (mode == "exact" and not route.exact):
             continue
         kernel = KERNELS[route.kernel]
+        if kernel.activations != activations:
+            continue
         lay = kernel.layout(fmt, in_features, out_features) if kernel.takes(fmt, widen) else None
         if lay is not None and kernel_works(kernel.name, str(torch.device(device)), route.computes_in):
             return Plan(kernel, route, lay)

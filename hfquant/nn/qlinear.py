@@ -7,7 +7,8 @@ mismatch instead of loading garbage), ``weight_<param>`` per group (e.g. ``weigh
 ``weight_zero``), and ``bias`` unchanged in the model's dtype. Casting the module (``.to(bfloat16)``)
 moves the stored tensors but never changes their dtype: only the bias and the compute dtype follow.
 
-Inference runs the reference path (dequantize in the activation dtype, then ``F.linear``) unless
+Inference runs the reference path (dequantize in the activation dtype, then ``F.linear``; for a
+scheme with an ``input`` mode: quantize the input, integer matmul, dequantize) unless
 :meth:`QuantLinear.prepare_kernel` (or :func:`prepare_for_inference` for a whole model) has
 repacked the weight for one of the kernels in :mod:`hfquant.nn.kernels`. The repacked tensors are
 non-persistent buffers named ``kernel_*``: ``state_dict()`` and saved checkpoints hold only the
@@ -77,8 +78,9 @@ class QuantLinear(nn.Module):
         self._kernel_request = (dtype, widen, mode)
         if self.weight.device.type == "meta":
             return "reference"
+        activations = None if self.scheme.input is None else self.scheme.input.name
         plan = kernels.plan_for(self.fmt, self.in_features, self.out_features, self.weight.device, dtype, widen,
-                                mode)
+                                mode, activations=activations)
         if plan is None:
             return "reference"
         with torch.no_grad():
@@ -102,6 +104,9 @@ class QuantLinear(nn.Module):
         plan = self.kernel_plan
         if plan is not None and plan.handles(x):
             return plan.linear(x, self.kernel_tensors(), self.bias)
+        if self.scheme.input is not None:
+            return kernels.activation_quantized_linear(x, self.stored(), self.fmt, self.scheme.input,
+                                                       self.in_features, self.bias)
         return kernels.reference_linear(x, self.stored(), self.fmt, self.in_features, self.bias)
 
     def _apply(self, fn, recurse: bool = True):  # same signature as nn.Module._apply

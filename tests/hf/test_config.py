@@ -52,7 +52,7 @@ def test_round_trips_through_json() -> None:
     config = HfQuantConfig(bits=3, group_size=64, modules_to_not_convert=["lm_head", "re:.*down_proj"])
     data = json.loads(config.to_json_string())
     assert data == {"quant_method": "hfquant", "format_version": 2, "format": "int3", "group_size": 64, "sym": False,
-                    "rules": None, "method": "rtn", "modules_to_not_convert": ["lm_head", "re:.*down_proj"],
+                    "activations": None, "rules": None, "method": "rtn", "modules_to_not_convert": ["lm_head", "re:.*down_proj"],
                     "plan": None, "base_model": None}
     again = HfQuantConfig.from_dict(data)
     assert again.to_dict() == config.to_dict()

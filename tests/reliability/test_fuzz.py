@@ -55,8 +55,10 @@ NAMES = st.one_of(st.sampled_from(format_names()), st.sampled_from(["int5", "INT
 GROUP_SIZE = mixed(st.one_of(st.sampled_from([-1, 16, 32, 64, 128, None]), INTS))
 SYM = mixed(st.sampled_from([True, False, None]))
 SCALE_RULE = mixed(st.sampled_from(["absmean", "absmax", "median"]))
+ACTIVATIONS = mixed(st.sampled_from([None, "int8-dynamic", "int8-static", "fp8-dynamic", "INT8-DYNAMIC"]))
 FORMAT_DICT = st.fixed_dictionaries({"format": mixed(NAMES)}, optional={
-    "group_size": GROUP_SIZE, "sym": SYM, "scale_rule": SCALE_RULE, "bits": mixed(st.sampled_from([2, 3, 4, 8]))})
+    "group_size": GROUP_SIZE, "sym": SYM, "scale_rule": SCALE_RULE, "bits": mixed(st.sampled_from([2, 3, 4, 8])),
+    "activations": ACTIVATIONS})
 FORMAT = mixed(st.one_of(NAMES, FORMAT_DICT))
 
 LLAMA_PATTERNS = ["mlp.down_proj", "self_attn.q_proj", "lm_head", "model.layers.0", "re:.*\\.1\\..*",
@@ -78,7 +80,7 @@ PLANS = mixed(st.one_of(
     st.fixed_dictionaries({"schemes": mixed(st.just(SCHEME)), "layers": mixed(st.dictionaries(
         HASHABLE_PATTERN, mixed(st.sampled_from(["int4-g32-asym", "int8-gc-sym"])), max_size=2))}),
     st.fixed_dictionaries({"schemes": st.dictionaries(st.sampled_from(["int4-g32-asym", "int4-g64-asym"]),
-                                                      mixed(st.fixed_dictionaries({"weight": FORMAT_DICT})),
+                                                      mixed(st.fixed_dictionaries({"weight": FORMAT_DICT}, optional={"input": ACTIVATIONS})),
                                                       max_size=2), "layers": st.just({})})))
 
 HQQ_FIELDS: dict[str, st.SearchStrategy] = {
@@ -109,6 +111,7 @@ FIELDS: dict[str, st.SearchStrategy] = {
     "seqlen": mixed(INTS),
     "seed": mixed(INTS),
     "kernels": mixed(st.sampled_from(["auto", "exact", "off", "fast"])),
+    "activations": ACTIVATIONS,
     "plan": PLANS,
     "target_bits": mixed(st.one_of(st.floats(), st.sampled_from([2.5, 3.25, 4, 0, 33]))),
     "candidates": mixed(st.one_of(st.none(), st.lists(st.one_of(FORMAT, st.sampled_from(["int3-g128", "int2-g64"])),
@@ -128,7 +131,8 @@ FIELDS: dict[str, st.SearchStrategy] = {
 METHOD_FIELDS = {"gptq": GPTQ_FIELDS, "hqq": HQQ_FIELDS, "rtn": {}}  # every registered method's options
 # what a field needs beside it to be meaningful: method options need their method, format fields their format
 CONTEXT = {**{name: {"method": method} for method, fields in METHOD_FIELDS.items() for name in (*fields, method)},
-           "scale_rule": {"format": "ternary"}, "candidates": {"target_bits": 4}}
+           "scale_rule": {"format": "ternary"}, "candidates": {"target_bits": 4},
+           "activations": {"format": "int8", "group_size": -1}}
 
 
 # --- the property ---------------------------------------------------------------------------------
@@ -214,6 +218,7 @@ QUANTIZE_FIELDS = {
     "modules_to_not_convert": st.one_of(st.none(), st.lists(st.sampled_from(LLAMA_PATTERNS + ["no_such_layer"]),
                                                             max_size=2)),
     "kernels": st.sampled_from(["auto", "exact", "off"]),
+    "activations": st.sampled_from([None, "int8-dynamic", "int8-dynamic", "int8-static"]),
     "iterations": st.sampled_from([0, 3]),  # hqq's (an error naming it for rtn)
     "seed": st.one_of(st.integers(0, 2**31 - 1), st.integers(0, 2**31 - 1), JUNK),
 }
