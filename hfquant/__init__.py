@@ -5,6 +5,7 @@
 ``from_pretrained(saved)`` reloads a saved one.
 """
 
+from hfquant.export import export
 from hfquant.formats import WeightFormat, format_names, make_format
 from hfquant.hf import HfQuantConfig, HfQuantQuantizer, register
 from hfquant.nn.qlinear import prepare_for_inference
@@ -13,5 +14,5 @@ from hfquant.schemes import LayerScheme
 register()
 
 __version__ = "0.2.0"
-__all__ = ["HfQuantConfig", "HfQuantQuantizer", "LayerScheme", "WeightFormat", "__version__", "format_names",
+__all__ = ["HfQuantConfig", "HfQuantQuantizer", "LayerScheme", "WeightFormat", "__version__", "export", "format_names",
            "make_format", "prepare_for_inference"]

@@ -1,4 +1,4 @@
-"""``hfquant`` command line: quantize, eval, compare, recommend, push.
+"""``hfquant`` command line: quantize, eval, compare, recommend, push, export.
 
 MODEL is a local folder or a Hub id; left out, it is the bundled SmolLM2-135M (built once into
 ``$HFQUANT_CACHE`` or ``~/.cache/hfquant``). ``--dataset`` takes a preset (wikitext2, c4,
@@ -197,6 +197,14 @@ def cmd_push(args: argparse.Namespace) -> None:
     print(f"pushed {folder} to https://huggingface.co/{args.repo_id}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from hfquant.export import export
+
+    report = export(args.folder, args.out, to=args.to, overwrite=args.overwrite)
+    print(report.summary())
+    print(f"exported to {args.out} (per-layer report: hfquant-export.json)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hfquant", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,6 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--token", default=None)
     push.add_argument("--private", action="store_true")
     push.set_defaults(func=cmd_push)
+
+    from hfquant.export import TARGETS
+
+    export = sub.add_parser("export", help="write a saved hfquant FOLDER for a runtime that does not import hfquant")
+    export.add_argument("folder")
+    export.add_argument("out")
+    export.add_argument("--to", required=True, choices=list(TARGETS),
+                        help="; ".join(f"{name}: {target.consumer}" for name, target in TARGETS.items()))
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace OUT even if it is a non-empty folder hfquant did not write")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

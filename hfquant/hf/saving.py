@@ -64,7 +64,26 @@ def save_quantized(model: PreTrainedModel, folder: str | Path, tokenizer: Any = 
     next call restores if the process died there.
     """
     require_bool("overwrite", overwrite)
-    folder = check_output_folder(folder, model_path if model_path is not None else model.name_or_path, overwrite)
+
+    def fill(checkpoint: Path) -> None:
+        type(model).save_pretrained(model, checkpoint)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(checkpoint)
+        write_card(card_for(model, Path(folder).expanduser().resolve(), report), checkpoint, _plan(model))
+
+    return write_folder_atomically(folder, fill, model_path if model_path is not None else model.name_or_path,
+                                   overwrite)
+
+
+def write_folder_atomically(folder: str | Path, fill: Callable[[Path], None],
+                            model_path: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """Have ``fill(staging folder)`` write a folder's files, then swap the folder in as ``folder``.
+
+    The safe-writing rules of :func:`save_quantized` (which calls it): :func:`check_output_folder`
+    first, a staging folder next to ``folder`` holding hfquant's marker, renames into place, the
+    previous folder deleted only once the new one is in place.
+    """
+    folder = check_output_folder(folder, model_path, overwrite)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-{os.getpid()}-", dir=folder.parent))
     _ACTIVE.add(staging)
@@ -72,10 +91,7 @@ def save_quantized(model: PreTrainedModel, folder: str | Path, tokenizer: Any = 
         (staging / MARKER).write_text(json.dumps({"pid": os.getpid(), "host": _host(), "target": str(folder)}))
         checkpoint = staging / _CHECKPOINT
         checkpoint.mkdir()
-        type(model).save_pretrained(model, checkpoint)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(checkpoint)
-        write_card(card_for(model, folder, report), checkpoint, _plan(model))
+        fill(checkpoint)
         _normal_permissions(checkpoint)
         _install(checkpoint, folder, staging)
     finally:
@@ -88,6 +104,14 @@ MARKER = ".hfquant-staging"  # written into every staging folder; only folders h
 _CHECKPOINT = "checkpoint"  # the new checkpoint inside the staging folder
 _OLD = "old"  # the replaced checkpoint, moved into the staging folder to be deleted with it
 _ACTIVE: set[Path] = set()  # staging / old folders of saves running in this process
+
+
+EXPORT_REPORT = "hfquant-export.json"  # written into every folder `hfquant export` makes
+
+
+def is_hfquant_output(folder: str | os.PathLike) -> bool:
+    """Whether hfquant wrote ``folder``: an hfquant checkpoint, or an export (it holds :data:`EXPORT_REPORT`)."""
+    return is_hfquant_checkpoint(folder) or (Path(folder) / EXPORT_REPORT).is_file()
 
 
 def is_hfquant_checkpoint(folder: str | os.PathLike) -> bool:
@@ -133,7 +157,7 @@ def check_output_folder(out: str | os.PathLike, model_path: str | os.PathLike | 
         raise ValueError(f"{name} is the current folder {str(cwd)!r} or holds it; OUT is replaced as a whole, "
                          "which would leave this process and shell in a deleted folder; choose a new subfolder "
                          "(e.g. ./quantized)")
-    if out.is_dir() and any(out.iterdir()) and not is_hfquant_checkpoint(out) and not overwrite:
+    if out.is_dir() and any(out.iterdir()) and not is_hfquant_output(out) and not overwrite:
         raise _not_a_checkpoint(name)
     _check_writable(out, name)
     return out
@@ -199,7 +223,7 @@ def recover_output_folder(out: str | os.PathLike) -> None:
                            ", ".join(map(str, olds)), out.name)
         olds = []
     for old in olds:  # ``out`` exists: the swap had finished, only the deletion of the old one had not
-        if is_hfquant_checkpoint(old):
+        if is_hfquant_output(old):
             shutil.rmtree(old)
             logger.warning("hfquant: deleted %s, the previous checkpoint at %s that a killed save had replaced",
                            old, out)
