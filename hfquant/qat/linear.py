@@ -57,12 +57,18 @@ class FakeQuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self.out_features, self.in_features = self.float_weight().shape
         self.learn_scales = learn_scales
-        if learn_scales:
-            start = self.fmt.quantize(self.float_weight()).params
-            self.weight_scale = nn.Parameter(start["scale"].float())
-            for name, value in start.items():
-                if name != "scale":
-                    self.register_buffer(f"weight_{name}", value)
+        if learn_scales:  # allocated from the format's specs (meta while loading); see init_scales
+            for name, spec in scheme.weight.specs(self.out_features, self.in_features).items():
+                if name == "weight_scale":
+                    self.weight_scale = nn.Parameter(torch.zeros(spec.shape, dtype=torch.float32, device=weight.device))
+                elif name != "weight":
+                    self.register_buffer(name, torch.zeros(spec.shape, dtype=spec.dtype, device=weight.device))
+
+    def init_scales(self) -> None:
+        """Learned parameters start on the format's own per-group grid of the current weight."""
+        with torch.no_grad():
+            for name, value in self.fmt.quantize(self.float_weight()).params.items():
+                getattr(self, f"weight_{name}").copy_(value)
 
     @property
     def fmt(self):  # noqa: ANN201  (WeightFormat)

@@ -12,6 +12,7 @@ from transformers.pytorch_utils import Conv1D
 from hfquant.hf import integration
 from hfquant.hf.config import HfQuantConfig
 from hfquant.nn.qlinear import QuantLinear
+from hfquant.plan import ResolvedPlan
 from hfquant.qat.linear import FakeQuantLinear
 
 
@@ -19,23 +20,17 @@ def prepare(model: nn.Module, cfg: HfQuantConfig) -> nn.Module:
     """Make ``model`` fake-quantized in place following ``cfg``'s plan (resolved here); returns it."""
     from hfquant.hf.quantizer import HfQuantQuantizer  # the quantizer resolves skips as from_pretrained does
 
-    if not isinstance(cfg, HfQuantConfig):
-        raise ValueError(f"cfg={cfg!r} is not allowed; expected an hfquant.HfQuantConfig")
-    if cfg.calibrated:
-        raise ValueError(f"method={cfg.method!r} is not allowed with QAT; allowed: a data-free method (rtn)")
+    if not isinstance(cfg, HfQuantConfig) or not cfg.qat:
+        raise ValueError(f"cfg={cfg!r} is not allowed; expected an hfquant.HfQuantConfig with qat=True")
     layers = dict(integration.linear_layers(model))
     skip = sorted(HfQuantQuantizer(cfg).get_modules_to_not_convert(
         model, cfg.modules_to_not_convert, getattr(model, "_keep_in_fp32_modules", None)))
     cfg.modules_to_not_convert = skip
     cfg.plan = cfg.quant_plan.resolve(layers, skip)
     integration.check_no_tied_layers(model, cfg.plan)
-    learn = bool(getattr(cfg, "qat_learn_scales", False))
-    for name, scheme in cfg.plan.layers.items():
-        source = layers[name]
-        bias = None if source.bias is None else source.bias
-        fake = FakeQuantLinear(source.weight, bias, scheme, transposed_source=isinstance(source, Conv1D),
-                               learn_scales=learn)
-        integration.set_submodule(model, name, fake)
+    for layer in replace_with_fake(model, cfg.plan, cfg.qat_learn_scales).values():
+        if layer.learn_scales:
+            layer.init_scales()
     if hasattr(model, "config"):
         model.config.quantization_config = cfg
     return model
@@ -68,6 +63,29 @@ def convert(model: nn.Module) -> nn.Module:
         quantizer = HfQuantQuantizer(cfg)
         model.hf_quantizer = quantizer
         model.save_pretrained = partial(save_pretrained_with_card, model, type(model).save_pretrained.__get__(model))
+    return model
+
+
+def replace_with_fake(model: nn.Module, plan: ResolvedPlan, learn_scales: bool) -> dict[str, FakeQuantLinear]:
+    """Swap every planned float layer for a :class:`FakeQuantLinear` of its scheme (meta tensors stay meta)."""
+    swapped = {}
+    for name, scheme in plan.layers.items():
+        source = model.get_submodule(name)
+        swapped[name] = FakeQuantLinear(source.weight, source.bias, scheme,
+                                        transposed_source=isinstance(source, Conv1D), learn_scales=learn_scales)
+        integration.set_submodule(model, name, swapped[name])
+    return swapped
+
+
+def finish_loading(model: nn.Module, resumed: bool) -> nn.Module:
+    """After ``from_pretrained(qat=True)``: fresh learned scales start on the format's grid; all trainable."""
+    from hfquant.hf.saving import save_pretrained_with_card
+
+    for layer in fake_layers(model).values():
+        if layer.learn_scales and not resumed:
+            layer.init_scales()
+        layer.requires_grad_(True)
+    model.save_pretrained = partial(save_pretrained_with_card, model, model.save_pretrained)
     return model
 
 

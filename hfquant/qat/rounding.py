@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from hfquant.formats import QuantizedWeight, WeightFormat
-from hfquant.formats.base import Params, check_weight
+from hfquant.formats.base import Params, check_weight, stored_scale
 
 
 def quantize_weight(w: torch.Tensor, fmt: WeightFormat, params: Params | None = None) -> QuantizedWeight:
@@ -20,7 +20,8 @@ def quantize_weight(w: torch.Tensor, fmt: WeightFormat, params: Params | None = 
         return fmt.quantize(w)
     check_weight(w)
     w = w.detach().float()
-    stored = {k: v.detach().to(dtype) for k, v, dtype in ((k, params[k], d) for k, d in fmt.param_dtypes.items())}
+    stored = {k: (stored_scale(params[k].detach().float(), dtype) if k == "scale" else params[k].detach()).to(dtype)
+              for k, dtype in fmt.param_dtypes.items()}  # a learned scale is stored positive, rounded up
     codes = [fmt.round(w[:, cols], {k: v[:, g, None].float() for k, v in stored.items()})
              for g, cols in enumerate(fmt.group_columns(w.shape[1]))]
     return QuantizedWeight(torch.cat(codes, dim=1), stored, fmt)
