@@ -16,7 +16,10 @@ from typing import Any
 from huggingface_hub import HfApi
 from transformers import AutoTokenizer
 
-from hfquant import workflows
+from hfquant import qat, workflows
+from hfquant.calibration.data import load_text
+from hfquant.evaluation.perplexity import tokenize_corpus
+from hfquant.qat import train as qat_train
 from hfquant.algorithms import get_method, method_names
 from hfquant.bundled.model import MODEL_NAME, ArtefactError, cache_root
 from hfquant.evaluation import markdown_table
@@ -148,6 +151,27 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"table, plot and JSON in {args.out}")
 
 
+def cmd_qat(args: argparse.Namespace) -> None:
+    """Fake-quantize MODEL, train on the bundled corpus's train split, evaluate on test, convert and save."""
+    model_folder = args.model if args.model is not None else cache_root() / "models" / MODEL_NAME
+    check_output_folder(args.out, model_folder, args.overwrite)
+    path = workflows.resolve_model(args.model)
+    kwargs = {"format": args.format, "bits": args.bits, "group_size": args.group_size, "sym": args.sym,
+              "rules": args.rules, "method": args.method, "qat": True, "qat_learn_scales": args.learn_scales}
+    model, _ = workflows.load(path, kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    teacher = workflows.load(path)[0] if args.distill else None
+    ids = tokenize_corpus(tokenizer, load_text(None, split="train"))
+    result = qat_train.train(model, ids, args.steps, args.batch_size, args.train_seqlen, args.lr, teacher)
+    print(f"trained {args.steps} steps in {result.seconds:.1f} s; loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
+    packed = qat.convert(model)
+    settings = _eval_settings(args)
+    report = workflows.evaluate(packed, workflows.eval_tokens(tokenizer, settings), settings, model_id=path)
+    print(markdown_table([report]))
+    out = save_quantized(packed, args.out, tokenizer=tokenizer, overwrite=args.overwrite, model_path=path)
+    print(f"saved to {out}")
+
+
 def cmd_push(args: argparse.Namespace) -> None:
     folder = Path(args.folder)
     if not (folder / "config.json").exists():
@@ -197,6 +221,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration_args(comp)
     _add_eval_args(comp)
     comp.set_defaults(func=cmd_compare)
+
+    train = sub.add_parser("qat", help="quantization-aware training of MODEL on the bundled corpus; convert and "
+                                       "save the packed model to OUT")
+    train.add_argument("model", nargs="?", default=None)
+    train.add_argument("out")
+    _add_format_args(train)
+    train.add_argument("--steps", type=int, required=True, help="training steps")
+    train.add_argument("--batch-size-train", dest="batch_size", type=int, default=4, help="sequences per step")
+    train.add_argument("--train-seqlen", type=int, default=256, help="tokens per training sequence")
+    train.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate")
+    train.add_argument("--distill", action="store_true", help="KL to the float model's logits instead of CE")
+    train.add_argument("--learn-scales", action="store_true", help="learn the per-group scales (LSQ)")
+    train.add_argument("--overwrite", action="store_true")
+    _add_eval_args(train)
+    train.set_defaults(func=cmd_qat)
 
     push = sub.add_parser("push", help="upload a saved hfquant folder (weights, config, card) to the Hub")
     push.add_argument("folder")
