@@ -1,4 +1,4 @@
-"""``hfquant`` command line: quantize, eval, compare, recommend, push, export.
+"""``hfquant`` command line: quantize, eval, compare, recommend, qat, push, export.
 
 MODEL is a local folder or a Hub id; left out, it is the bundled SmolLM2-135M (built once into
 ``$HFQUANT_CACHE`` or ``~/.cache/hfquant``). ``--dataset`` takes a preset (wikitext2, c4,
@@ -16,7 +16,10 @@ from typing import Any
 from huggingface_hub import HfApi
 from transformers import AutoTokenizer
 
-from hfquant import recommend, workflows
+from hfquant import qat, recommend, workflows
+from hfquant.calibration.data import load_text
+from hfquant.evaluation.perplexity import tokenize_corpus
+from hfquant.qat import train as qat_train
 from hfquant.algorithms import get_method, method_names
 from hfquant.calibration.data import calibration_batches
 from hfquant.bundled.model import MODEL_NAME, ArtefactError, cache_root
@@ -39,11 +42,6 @@ def _add_format_args(parser: argparse.ArgumentParser) -> None:
                         help="per-layer overrides: a JSON object {pattern: format name | {scheme fields} | null}, "
                              "first match wins (see README, 'Per-layer rules')")
     _add_method_arg(parser)
-    parser.add_argument("--target-bits", type=float, default=None, metavar="BITS",
-                        help="allocate a format per layer from --candidates to this average of stored bits per "
-                             "weight, by measured sensitivity (needs calibration data; see README, 'Bit allocation')")
-    parser.add_argument("--candidates", nargs="+", default=None, metavar="SPEC",
-                        help="formats --target-bits chooses from (default: int2-g64 int3-g128 int4-g128 int8)")
 
 
 def _add_method_arg(parser: argparse.ArgumentParser) -> None:
@@ -180,6 +178,27 @@ def cmd_recommend(args: argparse.Namespace) -> None:
     print("  hfquant.HfQuantConfig(" + ", ".join(f"{k}={v!r}" for k, v in choice.kwargs.items()) + ")")
 
 
+def cmd_qat(args: argparse.Namespace) -> None:
+    """Fake-quantize MODEL, train on the bundled corpus's train split, evaluate on test, convert and save."""
+    model_folder = args.model if args.model is not None else cache_root() / "models" / MODEL_NAME
+    check_output_folder(args.out, model_folder, args.overwrite)
+    path = workflows.resolve_model(args.model)
+    kwargs = {"format": args.format, "bits": args.bits, "group_size": args.group_size, "sym": args.sym,
+              "rules": args.rules, "method": args.method, "qat": True, "qat_learn_scales": args.learn_scales}
+    model, _ = workflows.load(path, kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    teacher = workflows.load(path)[0] if args.distill else None
+    ids = tokenize_corpus(tokenizer, load_text(None, split="train"))
+    result = qat_train.train(model, ids, args.steps, args.batch_size, args.train_seqlen, args.lr, teacher)
+    print(f"trained {args.steps} steps in {result.seconds:.1f} s; loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
+    packed = qat.convert(model)
+    settings = _eval_settings(args)
+    report = workflows.evaluate(packed, workflows.eval_tokens(tokenizer, settings), settings, model_id=path)
+    print(markdown_table([report]))
+    out = save_quantized(packed, args.out, tokenizer=tokenizer, overwrite=args.overwrite, model_path=path)
+    print(f"saved to {out}")
+
+
 def cmd_push(args: argparse.Namespace) -> None:
     folder = Path(args.folder)
     if not (folder / "config.json").exists():
@@ -213,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("model", nargs="?", default=None)
     quantize.add_argument("out")
     _add_format_args(quantize)
+    quantize.add_argument("--target-bits", type=float, default=None, metavar="BITS",
+                        help="allocate a format per layer from --candidates to this average of stored bits per "
+                             "weight, by measured sensitivity (needs calibration data; see README, 'Bit allocation')")
+    quantize.add_argument("--candidates", nargs="+", default=None, metavar="SPEC",
+                        help="formats --target-bits chooses from (default: int2-g64 int3-g128 int4-g128 int8)")
     _add_calibration_args(quantize)
     quantize.add_argument("--overwrite", action="store_true",
                           help="replace OUT even if it is a non-empty folder that is not an hfquant checkpoint "
@@ -254,6 +278,21 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--num-samples", type=int, default=8, help="calibration sequences for calibrated candidates")
     rec.add_argument("--prefill-tokens", type=int, default=128, help="tokens of the timed prefill")
     rec.set_defaults(func=cmd_recommend)
+
+    train = sub.add_parser("qat", help="quantization-aware training of MODEL on the bundled corpus; convert and "
+                                       "save the packed model to OUT")
+    train.add_argument("model", nargs="?", default=None)
+    train.add_argument("out")
+    _add_format_args(train)
+    train.add_argument("--steps", type=int, required=True, help="training steps")
+    train.add_argument("--batch-size-train", dest="batch_size", type=int, default=4, help="sequences per step")
+    train.add_argument("--train-seqlen", type=int, default=256, help="tokens per training sequence")
+    train.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate")
+    train.add_argument("--distill", action="store_true", help="KL to the float model's logits instead of CE")
+    train.add_argument("--learn-scales", action="store_true", help="learn the per-group scales (LSQ)")
+    train.add_argument("--overwrite", action="store_true")
+    _add_eval_args(train)
+    train.set_defaults(func=cmd_qat)
 
     push = sub.add_parser("push", help="upload a saved hfquant folder (weights, config, card) to the Hub")
     push.add_argument("folder")

@@ -106,6 +106,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         plan: dict[str, Any] | None = None,
         calibration: dict[str, Any] | None = None,
         base_model: str | None = None,
+        qat: bool = False,
+        qat_learn_scales: bool = False,
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
         **options: Any,
@@ -158,6 +160,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         if base_model is not None and not isinstance(base_model, str):
             raise ValueError(f"base_model={base_model!r} is not allowed; expected None or a model name or path")
         self.base_model = base_model  # provenance, filled in when the model was quantized
+        self.qat, self.qat_learn_scales = _check_qat(qat, qat_learn_scales, self)
 
     def _split_options(self, format: Any, bits: Any, options: dict[str, Any]) -> tuple[dict, dict]:  # noqa: A002
         """Keyword options -> (fields of the default format, method options); a saved method key is unpacked."""
@@ -202,6 +205,8 @@ class HfQuantConfig(QuantizationConfigMixin):
                    plan=None if self.plan is None else self.plan.to_dict(), base_model=self.base_model)
         if self.calibrated:
             out.update({key: getattr(self, key) for key in _CALIBRATION_FIELDS})
+        if self.qat:  # a float checkpoint saved during training: reloading it resumes QAT
+            out.update(qat=True, qat_learn_scales=self.qat_learn_scales)
         return out
 
     def to_diff_dict(self) -> dict[str, Any]:
@@ -295,6 +300,30 @@ def _checked_rules(rules: dict[str, Any] | None, plan: QuantPlan) -> dict[str, A
                      else getattr(scheme.weight, key) for key in value}
         checked[str(pattern)] = str(value) if isinstance(value, str) else value
     return checked
+
+
+def _check_qat(qat: Any, learn_scales: Any, config: HfQuantConfig) -> tuple[bool, bool]:
+    """``qat`` / ``qat_learn_scales`` checked against each other, the method and the plan's formats."""
+    for field, value in (("qat", qat), ("qat_learn_scales", learn_scales)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{field}={value!r} is not allowed; expected True or False")
+    if learn_scales and not qat:
+        raise ValueError("qat_learn_scales=True is not allowed with qat=False; allowed: set qat=True too")
+    if qat and config.calibrated:
+        raise ValueError(f"qat=True is not allowed with method={config.method!r}"
+                         f"{' and target_bits' if config.target_bits is not None else ''}; allowed: a data-free "
+                         "method (rtn) and no target_bits: QAT trains the weights the grid is chosen from")
+    schemes = (config.quant_plan.default, *(s for _, s in config.quant_plan.rules if s is not None))
+    if qat and any(scheme.input is not None for scheme in schemes):
+        raise ValueError("qat=True is not allowed with activation quantization (activations=...); allowed: "
+                         "weight-only schemes (fake-quantized activations are not implemented yet)")
+    if learn_scales:
+        plan = config.quant_plan
+        for scheme in (plan.default, *(s for _, s in plan.rules if s is not None)):
+            if "scale" not in scheme.weight.param_dtypes:
+                raise ValueError(f"qat_learn_scales=True is not allowed for format {scheme.weight.name!r}, "
+                                 "which stores no scale; allowed: formats with a per-group scale")
+    return qat, learn_scales
 
 
 def _check_calibration(calibration: Any) -> dict[str, Any] | None:

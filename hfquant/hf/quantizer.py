@@ -52,6 +52,10 @@ class HfQuantQuantizer(HfQuantizer):
         if unknown:
             raise ValueError(f"the quantization plan names {unknown[:5]}, which are not linear layers of "
                              f"{type(model).__name__}; the checkpoint was saved from another architecture")
+        if config.qat:  # float weights load by name into fake-quantized layers (a QAT checkpoint resumes)
+            integration.check_no_tied_layers(model, config.plan)
+            _qat_model().replace_with_fake(model, config.plan, config.qat_learn_scales)
+            return
         if self.pre_quantized:
             if checkpoint_files:
                 shapes = {name: integration.linear_shape(m) for name, m in layers.items()}
@@ -62,7 +66,7 @@ class HfQuantQuantizer(HfQuantizer):
             integration.replace_linear_layers(model, config.plan)
 
     def param_needs_quantization(self, model: Any, param_name: str, **kwargs: Any) -> bool:
-        if self.pre_quantized:
+        if self.pre_quantized or self.quantization_config.qat:
             return False
         module, tensor_name = get_module_from_name(model, param_name)
         return isinstance(module, QuantLinear) and tensor_name == "weight"
@@ -73,6 +77,8 @@ class HfQuantQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         config = self.quantization_config
+        if config.qat:
+            return _qat_model().finish_loading(model, resumed=self.pre_quantized)
         if self.pre_quantized:
             verify.check_loaded_values(model)
         else:
@@ -106,7 +112,19 @@ class HfQuantQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        """Trainable while fake-quantized (``qat=True``); packed models train only through adapters."""
+        return self.quantization_config.qat
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        """The Trainer fine-tunes the whole fake-quantized model (no adapters needed) when ``qat=True``."""
+        return self.quantization_config.qat
+
+
+def _qat_model():  # noqa: ANN202  (hfquant.qat imports hfquant.hf: imported when first used)
+    from hfquant.qat import model
+
+    return model
 
 
 def _warn_unmatched(patterns: list[str] | None, module_names: list[str]) -> None:

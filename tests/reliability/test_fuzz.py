@@ -119,6 +119,8 @@ FIELDS: dict[str, st.SearchStrategy] = {
     "calibration": mixed(st.one_of(st.none(), st.just({"dataset": "brown", "num_samples": 4}),
                                    st.dictionaries(st.text(max_size=3), NUMPY, min_size=1, max_size=1))),
     "base_model": mixed(st.one_of(st.none(), st.text(max_size=8))),
+    "qat": mixed(st.booleans()),
+    "qat_learn_scales": mixed(st.booleans()),
     "format_version": mixed(st.sampled_from([1, 2, 3, 2.0])),
     "quant_method": mixed(st.sampled_from(["hfquant", "gptq"])),
     "scale_rule": SCALE_RULE,  # a format field beyond the named ones (ternary)
