@@ -186,6 +186,7 @@ def main() -> None:
             continue
         results.append(json.loads(proc.stdout.split("ROW", 1)[1]))
         print(f"{row}: done", file=sys.stderr)
+        (RESULTS / f"{args.name}.partial.json").write_text(json.dumps({"args": vars(args), "rows": results}))
     ok = [r for r in results if "report" in r]
     ranks = [r["rank"] for r in results if "rank" in r]
     reports = [EvalReport.from_dict(r["report"]) for r in ok]
@@ -201,6 +202,7 @@ def main() -> None:
               if "error" in r]
     payload = {"env": environment(), "args": vars(args), "rows": results}
     write_results(args.name, payload, "\n".join(lines))
+    (RESULTS / f"{args.name}.partial.json").unlink(missing_ok=True)
     plot_plans([r for r in ok if r["row"].startswith("auto:")], RESULTS / f"{args.name}.png")
 
 
