@@ -6,6 +6,8 @@ import json
 import os
 import platform
 import resource
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -72,6 +74,16 @@ def rss_mib() -> float:
 def environment() -> dict[str, Any]:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
             "processor": platform.processor(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def run_row_process(script: str, argv: list[str], row: str, key: str = "row") -> dict[str, Any]:
+    """Run ``script argv --row ROW`` in a fresh process; its ``ROW{json}`` line, or ``{key: row, "error": ...}``."""
+    proc = subprocess.run([sys.executable, script, *argv, "--row", row], capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"{row}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return {key: row, "error": proc.stderr[-2000:]}
+    print(f"{row}: done", file=sys.stderr)
+    return json.loads(proc.stdout.split("ROW", 1)[1])
 
 
 def write_results(name: str, payload: dict[str, Any], table: str) -> None:

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import RESULTS, environment, load_average, write_results  # noqa: E402
+from _common import RESULTS, environment, load_average, run_row_process, write_results  # noqa: E402
 
 CANDIDATES = ["int2-g64", "int3-g128", "int4-g128", "int8"]
 UNIFORM = {2.5: "int2-g64", 3.25: "int3-g128", 4.25: "int4-g128"}
@@ -179,13 +178,7 @@ def main() -> None:
     results, loads = [], []
     for row in rows:
         loads.append(load_average())
-        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--row", row], capture_output=True, text=True)
-        if proc.returncode != 0:
-            results.append({"row": row, "error": proc.stderr[-2000:]})
-            print(f"{row}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
-            continue
-        results.append(json.loads(proc.stdout.split("ROW", 1)[1]))
-        print(f"{row}: done", file=sys.stderr)
+        results.append(run_row_process(__file__, sys.argv[1:], row))
         (RESULTS / f"{args.name}.partial.json").write_text(json.dumps({"args": vars(args), "rows": results}))
     ok = [r for r in results if "report" in r]
     ranks = [r["rank"] for r in results if "rank" in r]

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import RESULTS, PeakMemory, environment, write_results  # noqa: E402
+from _common import RESULTS, PeakMemory, environment, run_row_process, write_results  # noqa: E402
 
 
 def run_row(args: argparse.Namespace, spec: str) -> dict:
@@ -76,14 +75,7 @@ def main() -> None:
 
     rows = []
     for spec in ["fp32", *args.specs]:
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--row", spec]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            rows.append({"spec": spec, "error": proc.stderr[-2000:]})
-            print(f"{spec}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
-            continue
-        rows.append(json.loads(proc.stdout.split("ROW", 1)[1]))
-        print(f"{spec}: done", file=sys.stderr)
+        rows.append(run_row_process(__file__, sys.argv[1:], spec, key="spec"))
     ok = [r for r in rows if "report" in r]
     reports = [EvalReport.from_dict(r["report"]) for r in ok]
     table = markdown_table(reports, baseline=reports[0])
