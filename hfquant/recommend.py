@@ -22,10 +22,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from hfquant.algorithms import get_method
+from hfquant import workflows
 from hfquant.evaluation.drift import drift
 from hfquant.formats import format_from_dict
-from hfquant.formats import parse_spec as parse_format_spec
 from hfquant.hf.config import HfQuantConfig
 from hfquant.hf.integration import linear_layers, linear_shape
 from hfquant.nn import kernels
@@ -142,9 +141,8 @@ def time_linears(shapes: Counter[tuple[int, int]], scheme: LayerScheme | None, t
 
 
 def spec_kwargs(spec: str) -> dict[str, Any]:
-    """HfQuantConfig keyword arguments of a ``[method:]format-spec`` candidate."""
-    method, _, fmt = spec.strip().rpartition(":")
-    return {"format": parse_format_spec(fmt).to_dict(), "method": get_method(method or "rtn").name}
+    """HfQuantConfig keyword arguments of a ``[method:]format-spec`` candidate, the method always named."""
+    return {"method": "rtn", **workflows.parse_spec(spec)}
 
 
 def measure(model_path: str, specs: Sequence[str], eval_ids: torch.Tensor, calibration_ids: torch.Tensor,
