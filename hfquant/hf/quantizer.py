@@ -112,8 +112,9 @@ class HfQuantQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        """Trainable while fake-quantized (``qat=True``); packed models train only through adapters."""
-        return self.quantization_config.qat
+        """Always: a fake-quantized model (``qat=True``) trains whole; a packed one trains adapters on its
+        frozen layers (``hfquant.lora``), and transformers refuses to train it without adapters."""
+        return True
 
     @property
     def is_qat_trainable(self) -> bool:

@@ -101,6 +101,11 @@ class QuantLinear(nn.Module):
         return {name[len(_KERNEL_PREFIX):]: t for name, t in self._buffers.items() if name.startswith(_KERNEL_PREFIX)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():  # adapters or layers before this one train
+            return _InputGradient.apply(x, self)
+        return self._output(x)
+
+    def _output(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.kernel_plan
         if plan is not None and plan.handles(x):
             return plan.linear(x, self.kernel_tensors(), self.bias)
@@ -135,6 +140,21 @@ class QuantLinear(nn.Module):
 
 
 _KERNEL_PREFIX = "kernel_"
+
+
+class _InputGradient(torch.autograd.Function):
+    """The layer's output by its fastest path, with a gradient for the input only (the stored weight is
+    frozen): ``dx = dy · W`` with ``W`` decoded again in backward rather than kept (as QLoRA does).
+    For a scheme with an input mode, that is the straight-through gradient of the input rounding."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:  # noqa: ANN001
+        ctx.layer = layer
+        return layer._output(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        return grad @ ctx.layer.dequantized_weight(grad.dtype), None
 
 
 def prepare_for_inference(model: nn.Module, dtype: torch.dtype | None = None, widen: bool = False,
