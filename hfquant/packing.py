@@ -47,12 +47,48 @@ def _code_positions(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned integer ``codes`` (``0 <= c < 2**bits``) along the last dim into int32 words."""
+    """Pack unsigned integer ``codes`` (``0 <= c < 2**bits``) along the last dim into int32 words.
+
+    Codes of up to 8 bits are packed byte-wise on little-endian machines (:func:`pack_bytes`);
+    the generic packer on 64-bit integers (:func:`pack_words`) is the reference and covers the rest.
+    """
     if codes.is_floating_point():
         raise TypeError(f"codes must be an integer tensor, got dtype={codes.dtype}")
+    if sys.byteorder == "little" and bits <= 8:
+        return pack_bytes(codes, bits)
+    return pack_words(codes, bits)
+
+
+def pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`pack` on 64-bit integers, a chunk of rows at a time (any width up to 16 bits)."""
     rows = codes.reshape(-1, codes.shape[-1])
     packed = torch.cat([_pack_rows(chunk, bits) for chunk in rows.split(_PACK_CHUNK_ROWS)])
     return packed.reshape(*codes.shape[:-1], -1)
+
+
+def pack_bytes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`pack` for codes of up to 8 bits, built byte by byte with ``uint8`` shifts (little-endian words).
+
+    Each byte of a chunk of ``lcm(bits, 8)`` bits is the or of the parts of the codes that overlap
+    it (the inverse of :func:`unpack_bytes`): 1 byte of temporaries per code instead of the
+    96-byte-per-code int64 expansion of the generic packer at 3 bits.
+    """
+    nbytes, lo_byte, lo_shift, hi_byte, hi_shift = _BYTE_LAYOUTS[bits]
+    codes_per_unit, words_per_unit = unit_layout(bits)
+    rows = codes.reshape(-1, codes.shape[-1])
+    num_rows, num_codes = rows.shape
+    padded = torch.zeros(num_rows, math.ceil(num_codes / codes_per_unit) * codes_per_unit, dtype=torch.uint8,
+                         device=codes.device)
+    padded[:, :num_codes] = rows & (2**bits - 1)
+    chunks = padded.reshape(num_rows, -1, len(lo_byte))
+    out = torch.zeros(num_rows, chunks.shape[1], nbytes, dtype=torch.uint8, device=codes.device)
+    for j, (lo, lo_s, hi, hi_s) in enumerate(zip(lo_byte, lo_shift, hi_byte, hi_shift, strict=True)):
+        code = chunks[..., j]
+        out[..., lo] |= code << lo_s  # uint8: bits above the byte drop off
+        if hi < nbytes:
+            out[..., hi] |= code >> hi_s
+    words = out.reshape(num_rows, -1).view(torch.int32)
+    return words.reshape(*codes.shape[:-1], padded.shape[1] // codes_per_unit * words_per_unit)
 
 
 def _pack_rows(rows: torch.Tensor, bits: int) -> torch.Tensor:

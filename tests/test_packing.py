@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hfquant.packing import WORD_BITS, pack, packed_width, unit_layout, unpack, unpack_bytes
+from hfquant.packing import WORD_BITS, pack, pack_bytes, pack_words, packed_width, unit_layout, unpack, unpack_bytes
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -53,3 +53,13 @@ def test_unpack_rejects_wrong_width() -> None:
 def test_pack_rejects_float_codes() -> None:
     with pytest.raises(TypeError, match="integer"):
         pack(torch.zeros(2, 8), 4)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("num_codes", [1, 7, 33, 96, 577])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8])
+def test_byte_packer_matches_the_generic_one(bits: int, num_codes: int, dtype: torch.dtype) -> None:
+    codes = torch.randint(0, 2**bits, (2, 3, num_codes), generator=torch.Generator().manual_seed(bits * num_codes))
+    fast, generic = pack_bytes(codes.to(dtype), bits), pack_words(codes, bits)
+    assert fast.dtype == generic.dtype == torch.int32
+    assert torch.equal(fast, generic)
