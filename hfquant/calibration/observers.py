@@ -72,12 +72,12 @@ def add_to_histogram(hist: AbsHistogram, x: torch.Tensor) -> AbsHistogram:
     return hist
 
 
-def minmax_clip(hist: AbsHistogram, percentile: float = DEFAULT_PERCENTILE) -> float:
+def minmax_clip(hist: AbsHistogram, percentile: float | None = None) -> float:
     """The largest magnitude seen."""
     return hist.amax
 
 
-def percentile_clip(hist: AbsHistogram, percentile: float = DEFAULT_PERCENTILE) -> float:
+def percentile_clip(hist: AbsHistogram, percentile: float | None = DEFAULT_PERCENTILE) -> float:
     """The ``percentile``-th percentile of ``|x|``, linear within its bin, at most the largest magnitude."""
     if hist.amax == 0:
         return 0.0
@@ -98,27 +98,30 @@ def _rounding_error_integral(u: torch.Tensor) -> torch.Tensor:
     return nearest / 12 + (u - nearest) ** 3 / 3
 
 
-def expected_squared_error(hist: AbsHistogram, clip: float, levels: int = INT8_LEVELS) -> float:
-    """Sum over the histogram's values of ``(x - q(x))^2`` for the symmetric grid of step ``clip / levels``
-    with clipping at ``clip``, each bin's count spread uniformly over the bin."""
+def expected_squared_errors(hist: AbsHistogram, clips: torch.Tensor, levels: int = INT8_LEVELS) -> torch.Tensor:
+    """For each of ``clips``: the sum over the histogram's values of ``(x - q(x))^2`` on the symmetric grid
+    of step ``clip / levels`` with clipping at ``clip``, each bin's count spread uniformly over the bin."""
+    clip = clips.double().reshape(-1, 1)
     step = clip / levels
-    edges = hist.edges()
-
-    def antiderivative(x: torch.Tensor) -> torch.Tensor:  # of the error density in x
-        inside = torch.clamp(x, max=clip)
-        return step**3 * _rounding_error_integral(inside / step) + torch.clamp(x - clip, min=0) ** 3 / 3
-
-    width = edges[1:] - edges[:-1]
-    per_value = (antiderivative(edges[1:]) - antiderivative(edges[:-1])) / width
-    return float((hist.counts * per_value).sum())
+    edges = hist.edges().reshape(1, -1)
+    inside = torch.minimum(edges, clip)
+    # antiderivative of the error density at every bin edge, for every clip value
+    integral = step**3 * _rounding_error_integral(inside / step) + torch.clamp(edges - clip, min=0) ** 3 / 3
+    per_value = (integral[:, 1:] - integral[:, :-1]) / (edges[:, 1:] - edges[:, :-1])
+    return per_value @ hist.counts
 
 
-def mse_clip(hist: AbsHistogram, percentile: float = DEFAULT_PERCENTILE) -> float:
+def expected_squared_error(hist: AbsHistogram, clip: float, levels: int = INT8_LEVELS) -> float:
+    """:func:`expected_squared_errors` for one clip value."""
+    return float(expected_squared_errors(hist, torch.tensor([clip]), levels)[0])
+
+
+def mse_clip(hist: AbsHistogram, percentile: float | None = None) -> float:
     """The candidate clip value with the smallest :func:`expected_squared_error`."""
     if hist.amax == 0:
         return 0.0
-    candidates = [hist.amax * (i + 1) / MSE_CANDIDATES for i in range(MSE_CANDIDATES)]
-    return min(candidates, key=lambda clip: expected_squared_error(hist, clip))
+    candidates = hist.amax * torch.arange(1, MSE_CANDIDATES + 1, dtype=torch.float64) / MSE_CANDIDATES
+    return float(candidates[int(expected_squared_errors(hist, candidates).argmin())])
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,7 @@ class Observer:
     """A rule for a static scale's clipping range: ``clip(histogram, percentile)``."""
 
     name: str
-    clip: Callable[[AbsHistogram, float], float]
+    clip: Callable[[AbsHistogram, float | None], float]
 
 
 OBSERVERS: dict[str, Observer] = {o.name: o for o in (Observer("minmax", minmax_clip),
