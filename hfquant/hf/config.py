@@ -343,14 +343,14 @@ def _check_qat(qat: Any, learn_scales: Any, config: HfQuantConfig) -> tuple[bool
             raise ValueError(f"{field}={value!r} is not allowed; expected True or False")
     if learn_scales and not qat:
         raise ValueError("qat_learn_scales=True is not allowed with qat=False; allowed: set qat=True too")
-    if qat and config.calibrated:
-        raise ValueError(f"qat=True is not allowed with method={config.method!r}"
-                         f"{' and target_bits' if config.target_bits is not None else ''}; allowed: a data-free "
-                         "method (rtn) and no target_bits: QAT trains the weights the grid is chosen from")
     schemes = (config.quant_plan.default, *(s for _, s in config.quant_plan.rules if s is not None))
     if qat and any(scheme.input is not None for scheme in schemes):
         raise ValueError("qat=True is not allowed with activation quantization (activations=...); allowed: "
                          "weight-only schemes (fake-quantized activations are not implemented yet)")
+    if qat and config.calibrated:
+        raise ValueError(f"qat=True is not allowed with method={config.method!r}"
+                         f"{' and target_bits' if config.target_bits is not None else ''}; allowed: a data-free "
+                         "method (rtn) and no target_bits: QAT trains the weights the grid is chosen from")
     if learn_scales:
         plan = config.quant_plan
         for scheme in (plan.default, *(s for _, s in plan.rules if s is not None)):
