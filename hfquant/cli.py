@@ -20,7 +20,10 @@ from hfquant import qat, recommend, workflows
 from hfquant.calibration.data import load_text
 from hfquant.evaluation.perplexity import tokenize_corpus
 from hfquant.qat import train as qat_train
+from hfquant.activations import ACTIVATION_MODES
 from hfquant.algorithms import get_method, method_names
+from hfquant.calibration.observers import OBSERVERS
+from hfquant.hf.config import HfQuantConfig
 from hfquant.calibration.data import calibration_batches
 from hfquant.bundled.model import MODEL_NAME, ArtefactError, cache_root
 from hfquant.evaluation import markdown_table
@@ -55,6 +58,18 @@ def _add_calibration_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, default=None, help="calibration samples (default 128)")
     parser.add_argument("--calib-seqlen", type=int, default=None, help="calibration sequence length (default 2048)")
     parser.add_argument("--seed", type=int, default=None, help="calibration sampling seed (default 0)")
+
+
+def _add_activation_args(parser: argparse.ArgumentParser) -> None:
+    """Activation quantization flags; None means "not given" (HfQuantConfig's default)."""
+    parser.add_argument("--activations", default=None, metavar="MODE",
+                        help=f"quantize layer inputs too: one of {', '.join(ACTIVATION_MODES)} (default: weight-only; "
+                             "int8 modes need --format int8 --group-size -1, fp8-dynamic --format fp8; int8-static "
+                             "calibrates on data, also with --method rtn)")
+    parser.add_argument("--observer", default=None, choices=list(OBSERVERS),
+                        help="how int8-static input scales are chosen from the calibration inputs (default minmax)")
+    parser.add_argument("--observer-percentile", type=float, default=None, metavar="P",
+                        help="the percentile of |x| --observer percentile clips at (default 99.99)")
 
 
 def _read_rules(path: str) -> dict[str, Any]:
@@ -93,10 +108,13 @@ def _quant_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                               "sym": args.sym, "rules": args.rules, "method": args.method}
     if args.target_bits is not None or args.candidates is not None:
         kwargs.update(target_bits=args.target_bits, candidates=args.candidates)
+    kwargs.update({field: getattr(args, field) for field in ("activations", "observer", "observer_percentile")
+                   if getattr(args, field) is not None})
     given = _calibration_kwargs(args)
-    if given and not get_method(args.method).calibrated and args.target_bits is None:
+    if given and not HfQuantConfig(**kwargs).calibrated:
         raise ValueError(f"{_flags(given)} given, but --method {args.method} uses no calibration data; drop "
-                         f"{'it' if len(given) == 1 else 'them'} or use a calibrated method (e.g. --method gptq)")
+                         f"{'it' if len(given) == 1 else 'them'} or use a calibrated method (e.g. --method gptq) "
+                         "or calibrated activations (--activations int8-static)")
     return {**kwargs, **given}
 
 
@@ -237,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "weight, by measured sensitivity (needs calibration data; see README, 'Bit allocation')")
     quantize.add_argument("--candidates", nargs="+", default=None, metavar="SPEC",
                         help="formats --target-bits chooses from (default: int2-g64 int3-g128 int4-g128 int8)")
+    _add_activation_args(quantize)
     _add_calibration_args(quantize)
     quantize.add_argument("--overwrite", action="store_true",
                           help="replace OUT even if it is a non-empty folder that is not an hfquant checkpoint "

@@ -26,6 +26,10 @@ class LayerScheme:
         if self.input is not None:
             self.input.check_weight(self.weight)
 
+    def input_specs(self) -> dict:
+        """The stored tensors the input mode adds to a layer (e.g. ``input_scale``); ``{}`` for none."""
+        return {} if self.input is None else self.input.specs()
+
     @property
     def name(self) -> str:
         return self.weight.name if self.input is None else f"{self.weight.name}+{self.input.name}"

@@ -178,3 +178,18 @@ def test_calibration_flags_in_compare_need_a_calibrated_spec(tiny_checkpoints: d
         main(["compare", str(tiny_checkpoints["opt"]), "--configs", "int8", "--num-samples", "4",
               "--out", str(tmp_path / "cmp")])
     assert info.value.code == 2 and "--num-samples" in capsys.readouterr().err
+
+
+def test_quantize_takes_activations_and_an_observer(tiny_checkpoints: dict, text_file: Path, tmp_path: Path,
+                                                    capsys) -> None:
+    main(["quantize", str(tiny_checkpoints["llama"]), str(tmp_path / "q"), "--format", "int8", "--group-size", "-1",
+          "--activations", "int8-static", "--observer", "percentile", "--observer-percentile", "99.5",
+          "--calib-dataset", str(text_file), "--num-samples", "2", "--calib-seqlen", "16"])
+    saved = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert (saved["activations"], saved["observer"], saved["observer_percentile"]) == ("int8-static", "percentile", 99.5)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert all(float(m.input_scale) > 0 for m in model.modules() if isinstance(m, QuantLinear))
+    with pytest.raises(SystemExit) as info:
+        main(["quantize", str(tiny_checkpoints["llama"]), str(tmp_path / "d"), "--format", "int8",
+              "--activations", "int8-dynamic", "--observer", "mse"])
+    assert info.value.code == 2 and "observer='mse' is not allowed" in capsys.readouterr().err

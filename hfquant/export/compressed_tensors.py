@@ -82,6 +82,10 @@ def _pad_words(words: torch.Tensor, num_codes: int, bits: int) -> torch.Tensor:
 def check_layer(name: str, layer: Any) -> IntegerGrid:
     """The layer's integer grid, or a ValueError naming layer, format and why the target cannot hold it."""
     fmt = layer.fmt
+    if layer.scheme.input is not None:
+        raise refusal(TARGET, name, fmt, f"its inputs are quantized too (activations={layer.scheme.input.name!r}), "
+                                         "which this exporter does not write (it would drop the input "
+                                         "quantization); export a weight-only model")
     if layer.transposed_source:
         raise refusal(TARGET, name, fmt, "compressed-tensors quantizes nn.Linear layers; this is a GPT-2 Conv1D")
     grid = integer_grid(layer)

@@ -9,7 +9,9 @@ from transformers import AutoTokenizer, PreTrainedModel
 from hfquant.algorithms import get_method
 from hfquant.calibration.data import (calibration_batches, check_calibration_inputs, describe_source,
                                       is_tokenized, tokenized_batch)
+from hfquant.calibration.observers import OBSERVERS
 from hfquant.calibration.pipeline import quantize_sequentially
+from hfquant.calibration.static import DataFreeSolver, ObservingSolver
 from hfquant.hf.config import HfQuantConfig
 from hfquant.formats import QuantizedWeight
 from hfquant.allocation import Option, allocate, budget_from_bits_per_weight
@@ -79,7 +81,9 @@ def allocated_plan(model: PreTrainedModel, config: HfQuantConfig, batches: list[
 
 def calibrate_and_quantize(model: PreTrainedModel, config: HfQuantConfig, batch_size: int = 8) -> None:
     """Quantize every layer of the config's plan in place: allocated first when ``config.target_bits`` is
-    set, then with the calibrated method (or, for a data-free method, its own path)."""
+    set, then with the calibrated method (or, for a data-free method, its own path). Layers whose input
+    mode is calibrated (``int8-static``) get their stored input tensors from ``config.observer`` on the
+    inputs the engine shows the method (a data-free method then runs through the engine too)."""
     check_finite_weights(model, list(config.plan.layers))
     tokens = calibration_tokens(model, config)
     batches = list(tokens.split(batch_size))
@@ -88,15 +92,27 @@ def calibrate_and_quantize(model: PreTrainedModel, config: HfQuantConfig, batch_
     layers = config.plan.layers
     method = get_method(config.method)
 
+    observed = {name: s.input for name, s in layers.items() if s.input is not None and s.input.calibrated}
+    formats = {name: scheme.weight for name, scheme in layers.items()}
+    solver = ObservingSolver(method.solver(config.options, formats) if method.calibrated
+                             else DataFreeSolver(method, formats, config.options),
+                             observed, OBSERVERS[config.observer] if observed else None, config.observer_percentile)
+
     def replace(name: str, quantized: QuantizedWeight) -> None:
-        quantize_layer_in_place(model, name, quantized, layers[name])
+        layer = quantize_layer_in_place(model, name, quantized, layers[name])
+        if name in observed:
+            layer.load_input_params(solver.input_tensors(name))
+            layer.prepare_kernel(model.dtype, mode=config.kernels)  # bit-identical to the reference path, faster
 
     done: list[str] = []
-    if method.calibrated:
-        solver = method.solver(config.options, {name: scheme.weight for name, scheme in layers.items()})
+    if method.calibrated or observed:
         targets = {name: model.get_submodule(name) for name in layers}
         done = quantize_sequentially(model, batches, targets, solver, float_weight, replace)
     for name in [n for n in layers if n not in set(done)]:  # data-free, or outside the decoder blocks
+        if name in observed:
+            raise ValueError(f"layer {name} is outside the decoder blocks, so its inputs are not observed during "
+                             f"calibration; activations={observed[name].name!r} is allowed only on layers inside "
+                             "them (give this layer a rule without it, or keep it in full precision)")
         if method.calibrated:
             logger.info("hfquant: %s is outside the decoder blocks; quantizing it with %s's data-free path",
                         name, method.name)

@@ -28,6 +28,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from hfquant.activations import get_activation_mode
 from hfquant.algorithms import get_method
+from hfquant.calibration.observers import DEFAULT_OBSERVER, check_observer
 from hfquant.formats import FORMAT_FIELD, parse_spec
 from hfquant.formats.affine import BITS
 from hfquant.formats.base import FORMAT_NAMES
@@ -55,8 +56,16 @@ class HfQuantConfig(QuantizationConfigMixin):
             format's default (128 for int4/3/2, per channel for int8 and fp8, 64 for nf4/fp4).
         sym: integer formats: symmetric grid; ``None`` = symmetric at 8 bits, asymmetric below.
         activations: how the default scheme's layers quantize their input (:mod:`hfquant.activations`):
-            ``None`` (weight-only) or ``"int8-dynamic"`` (per-token int8 at run time; needs symmetric
-            per-channel int8 weights). Per layer: a rule's dict may carry an ``"activations"`` key.
+            ``None`` (weight-only), ``"int8-dynamic"`` (per-token int8 at run time) or ``"int8-static"``
+            (per-tensor int8 scale calibrated on data, stored as ``input_scale``; needs data like a
+            calibrated method, also with ``method="rtn"``), both with symmetric per-channel int8 weights;
+            ``"fp8-dynamic"`` (per-token e4m3 at run time, with ``format="fp8"`` weights). Per layer: a
+            rule's dict may carry an ``"activations"`` key.
+        observer: how ``int8-static`` scales are chosen from the calibration inputs
+            (:mod:`hfquant.calibration.observers`): ``"minmax"`` (default when a layer is static),
+            ``"percentile"`` or ``"mse"``; only with a static input mode.
+        observer_percentile: the percentile (in (0, 100]) of ``|x|`` that ``observer="percentile"``
+            clips at; default 99.99; only with that observer.
         rules: ordered ``{pattern: format name | dict of format fields | None}``: per-layer schemes;
             the first matching rule wins, ``None`` keeps the layer in full precision (see
             :mod:`hfquant.plan` for the precedence). A pattern matching no layer is an error.
@@ -92,6 +101,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         group_size: int | None = None,
         sym: bool | None = None,
         activations: str | None = None,
+        observer: str | None = None,
+        observer_percentile: float | None = None,
         rules: dict[str, Any] | None = None,
         method: str = "rtn",
         modules_to_not_convert: list[str] | None = None,
@@ -140,6 +151,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         for scheme in (self.quant_plan.default, *(s for _, s in self.quant_plan.rules if s is not None),
                        *(self.candidates or ())):
             registered.check_format(scheme.weight)
+        self.observer, self.observer_percentile = _check_observer(observer, observer_percentile,
+                                                                  _calibrates_inputs(self.quant_plan))
         self.plan = None if plan is None else ResolvedPlan.from_dict(plan)
         self.options = registered.parse_options(method_options)
         if modules_to_not_convert is not None:
@@ -180,8 +193,10 @@ class HfQuantConfig(QuantizationConfigMixin):
 
     @property
     def calibrated(self) -> bool:
-        """Whether quantizing needs calibration data (a calibrated method, or an allocation to ``target_bits``)."""
-        return get_method(self.method).calibrated or self.target_bits is not None
+        """Whether quantizing needs calibration data (a calibrated method, an allocation to ``target_bits``,
+        or a calibrated input mode such as ``int8-static``)."""
+        return (get_method(self.method).calibrated or self.target_bits is not None
+                or _calibrates_inputs(self.quant_plan))
 
     @property
     def weight_format(self):  # noqa: ANN201  (WeightFormat)
@@ -199,6 +214,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         method_options = dataclasses.asdict(self.options)
         if method_options:
             out[self.method] = method_options
+        if self.observer is not None:
+            out.update(observer=self.observer, observer_percentile=self.observer_percentile)
         if self.target_bits is not None:
             out.update(target_bits=self.target_bits, candidates=[c.weight.to_dict() for c in self.candidates])
         out.update(modules_to_not_convert=self.modules_to_not_convert,
@@ -271,6 +288,23 @@ def _with_activations(scheme: LayerScheme, activations: Any) -> LayerScheme:
     return dataclasses.replace(scheme, input=mode)
 
 
+def _calibrates_inputs(plan: QuantPlan) -> bool:
+    """Whether a scheme of the plan has an input mode calibrated on data (``int8-static``)."""
+    schemes = (plan.default, *(s for _, s in plan.rules if s is not None))
+    return any(s.input is not None and s.input.calibrated for s in schemes)
+
+
+def _check_observer(observer: Any, percentile: Any, calibrates_inputs: bool) -> tuple[str | None, float | None]:
+    """The observer fields: only with a calibrated input mode (default observer there); errors name them."""
+    if not calibrates_inputs:
+        for field, value in (("observer", observer), ("observer_percentile", percentile)):
+            if value is not None:
+                raise ValueError(f"{field}={value!r} is not allowed without a calibrated input mode; allowed: "
+                                 "None, or a value with activations='int8-static' (or a rule setting it)")
+        return None, None
+    return check_observer(DEFAULT_OBSERVER if observer is None else observer, percentile)
+
+
 def _normalise_rules(rules: Any) -> dict[str, Any] | None:
     """Rules as an ordered dict (a list of ``[pattern, value]`` pairs is accepted too, each pattern once)."""
     if rules is None:
@@ -309,14 +343,14 @@ def _check_qat(qat: Any, learn_scales: Any, config: HfQuantConfig) -> tuple[bool
             raise ValueError(f"{field}={value!r} is not allowed; expected True or False")
     if learn_scales and not qat:
         raise ValueError("qat_learn_scales=True is not allowed with qat=False; allowed: set qat=True too")
-    if qat and config.calibrated:
-        raise ValueError(f"qat=True is not allowed with method={config.method!r}"
-                         f"{' and target_bits' if config.target_bits is not None else ''}; allowed: a data-free "
-                         "method (rtn) and no target_bits: QAT trains the weights the grid is chosen from")
     schemes = (config.quant_plan.default, *(s for _, s in config.quant_plan.rules if s is not None))
     if qat and any(scheme.input is not None for scheme in schemes):
         raise ValueError("qat=True is not allowed with activation quantization (activations=...); allowed: "
                          "weight-only schemes (fake-quantized activations are not implemented yet)")
+    if qat and config.calibrated:
+        raise ValueError(f"qat=True is not allowed with method={config.method!r}"
+                         f"{' and target_bits' if config.target_bits is not None else ''}; allowed: a data-free "
+                         "method (rtn) and no target_bits: QAT trains the weights the grid is chosen from")
     if learn_scales:
         plan = config.quant_plan
         for scheme in (plan.default, *(s for _, s in plan.rules if s is not None)):

@@ -10,7 +10,7 @@ Before any tensor is loaded, :func:`verify_checkpoint` reads only the headers an
 
 Version-1 checkpoints predate the metadata: for them only the tensor checks run. After loading,
 :func:`check_loaded_values` rejects out-of-range stored values (zero points above the largest code,
-non-finite or non-positive scales).
+non-finite or non-positive scales, calibrated input scales included).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def verify_checkpoint(files: Iterable[str], shapes: dict[str, tuple[int, int]], 
     problems = []
     for name, scheme in plan.layers.items():
         in_features, out_features = shapes[name]
-        for param, spec in scheme.weight.specs(out_features, in_features).items():
+        for param, spec in {**scheme.weight.specs(out_features, in_features), **scheme.input_specs()}.items():
             key = f"{name}.{param}"
             want = (_SAFETENSORS_DTYPES[spec.dtype], spec.shape)
             if key not in headers:
@@ -99,5 +99,7 @@ def check_loaded_values(model: nn.Module) -> None:
     for name, layer in model.named_modules():
         if isinstance(layer, QuantLinear):
             problem = layer.fmt.check_stored(layer.stored(), layer.in_features)
+            if problem is None and layer.scheme.input is not None:
+                problem = layer.scheme.input.check_stored(layer.input_params())
             if problem:
                 raise ValueError(f"layer {name}: {problem}; the checkpoint is corrupted")

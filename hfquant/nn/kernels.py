@@ -73,7 +73,8 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from hfquant.activations import INT8_DYNAMIC, ActivationMode
+from hfquant.activations import (ACTIVATION_MODES, FP8_DYNAMIC, INPUT_SCALE, INT8_DYNAMIC, INT8_STATIC, ActivationMode,
+                                 centered_int8_codes)
 from hfquant.formats import WeightFormat
 from hfquant.formats.affine import IntAffine
 from hfquant.formats.fp8 import FP8
@@ -109,14 +110,9 @@ def reference_linear(x: torch.Tensor, stored: Tensors, fmt: WeightFormat, in_fea
     return y if bias is None else y + bias
 
 
-def centered_int8_codes(stored: Tensors, fmt: WeightFormat, in_features: int) -> torch.Tensor:
-    """``int8 (out, in)`` weight codes minus the symmetric zero point 128 (``w = codes · scale``)."""
-    codes = fmt.unpack_codes(stored["weight"])[:, :in_features]
-    return (codes.to(torch.uint8) ^ 0x80).view(torch.int8)  # q - 128, two's complement
-
-
 def dequantize_int_accumulator(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """``acc · x_scale · w_scale`` in float32: integer sums ``(M, N)``, per-token ``(M, 1)``, per-channel ``(1, N)``.
+    """``acc · x_scale · w_scale`` in float32: sums ``(M, N)``, per-token ``(M, 1)`` or per-tensor ``(1, 1)``
+    input scales, per-channel ``(1, N)`` weight scales.
 
     In place on one float32 copy of ``acc`` (same operations, same order, so the same bits as the
     out-of-place product, with one allocation instead of three).
@@ -125,17 +121,20 @@ def dequantize_int_accumulator(acc: torch.Tensor, x_scale: torch.Tensor, w_scale
 
 
 def activation_quantized_linear(x: torch.Tensor, stored: Tensors, fmt: WeightFormat, mode: ActivationMode,
-                                in_features: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """Reference path of a W8A8 layer: quantize ``x`` per token with ``mode``, integer matmul with the
-    centered weight codes, dequantize with ``x_scale · w_scale``; the output in ``x``'s dtype.
+                                in_features: int, bias: torch.Tensor | None,
+                                input_params: Tensors | None = None) -> torch.Tensor:
+    """Reference path of a W8A8 layer: quantize ``x`` with ``mode`` (per token, or on the stored
+    ``input_params`` grid), multiply the codes with the mode's weight codes, dequantize with
+    ``x_scale · w_scale``; the output in ``x``'s dtype.
 
-    The integer sums are computed in float64 (exact: ``|sum| <= 128 · 127 · in_features < 2**53``),
-    so a kernel's int32 sums, dequantized by :func:`dequantize_int_accumulator`, give the same bits.
+    The sums are computed in float64: exact for int8 codes (``|sum| <= 128 · 127 · in_features <
+    2**53``), so a kernel's int32 sums, dequantized by :func:`dequantize_int_accumulator`, give the
+    same bits; for fp8 codes float64 sums are exact up to float64 rounding of very long sums.
     """
     x2d = x.reshape(-1, x.shape[-1])
-    x_codes, x_scale = mode.quantize(x2d)
-    acc = x_codes.double() @ centered_int8_codes(stored, fmt, in_features).double().T
-    w_scale = fmt.affine(fmt.stored_params(stored))[0].reshape(1, -1)
+    x_codes, x_scale = mode.quantize(x2d, input_params or {})
+    w_codes, w_scale = mode.weight_operand(stored, fmt, in_features)
+    acc = x_codes.double() @ w_codes.double().T
     y = dequantize_int_accumulator(acc, x_scale, w_scale).to(x.dtype)
     if bias is not None:
         y = y + bias.to(y.dtype)
@@ -340,6 +339,24 @@ def _matmul_int_mm(x2d: torch.Tensor, tensors: Tensors, lay: Layout) -> torch.Te
     return dequantize_int_accumulator(acc, x_scale, tensors["scale"]).to(x2d.dtype)
 
 
+def _pack_int_mm_static(stored: Tensors, fmt: WeightFormat, lay: Layout, dtype: torch.dtype) -> Tensors:
+    return {**_pack_int_mm(stored, fmt, lay, dtype), INPUT_SCALE: stored[INPUT_SCALE].float().reshape(1, 1)}
+
+
+def _matmul_int_mm_static(x2d: torch.Tensor, tensors: Tensors, lay: Layout) -> torch.Tensor:
+    """``torch._int_mm`` on int8 inputs rounded on the calibrated per-tensor grid, dequantized in one expression."""
+    x_codes, x_scale = INT8_STATIC.quantize(x2d, tensors)
+    acc = torch._int_mm(x_codes, tensors["weight"].t())
+    return dequantize_int_accumulator(acc, x_scale, tensors["scale"]).to(x2d.dtype)
+
+
+def _matmul_fp8_dynamic(x2d: torch.Tensor, tensors: Tensors, lay: Layout) -> torch.Tensor:
+    """``torch._scaled_mm`` on the per-token e4m3 inputs of ``fp8-dynamic`` (the reference path's rounding)."""
+    x_codes, x_scale = FP8_DYNAMIC.quantize(x2d)
+    return torch._scaled_mm(x_codes, tensors["weight"].t(), scale_a=x_scale, scale_b=tensors["scale"],
+                            out_dtype=x2d.dtype)
+
+
 _INT4_PROBE = IntAffine(bits=4, group_size=32, sym=False)
 _INT8_PROBE = IntAffine(bits=8, group_size=-1, sym=False)
 INT4_CPU = Kernel("int4pack-cpu", "cpu", bits=(4,), probe=_INT4_PROBE, widen_bits=(1, 2, 3), layout=_int4_layout(16),
@@ -357,7 +374,14 @@ FP8_CUDA = Kernel("fp8-scaled-mm-cuda", "cuda", bits=(8,), probe=FP8(group_size=
 INT_MM_CPU = Kernel("int8-int-mm-cpu", "cpu", bits=(8,), probe=IntAffine(bits=8, group_size=-1, sym=True),
                     activations=INT8_DYNAMIC.name, layout=_int_mm_layout, pack=_pack_int_mm, matmul=_matmul_int_mm,
                     ops=("_int_mm",))
-KERNELS = {k.name: k for k in (INT4_CPU, INT4_CUDA, INT8_CPU, INT8_CUDA, FP8_CUDA, INT_MM_CPU)}
+INT_MM_STATIC_CPU = Kernel("int8-static-int-mm-cpu", "cpu", bits=(8,), probe=IntAffine(bits=8, group_size=-1, sym=True),
+                           activations=INT8_STATIC.name, layout=_int_mm_layout, pack=_pack_int_mm_static,
+                           matmul=_matmul_int_mm_static, ops=("_int_mm",))
+FP8_DYNAMIC_CUDA = Kernel("fp8-dynamic-scaled-mm-cuda", "cuda", bits=(8,), probe=FP8(group_size=-1, variant="e4m3"),
+                          codes="fp8-e4m3", quantizes_input=True, activations=FP8_DYNAMIC.name, layout=_fp8_layout,
+                          pack=_pack_fp8, matmul=_matmul_fp8_dynamic, ops=("_scaled_mm",))
+KERNELS = {k.name: k for k in (INT4_CPU, INT4_CUDA, INT8_CPU, INT8_CUDA, FP8_CUDA, INT_MM_CPU, INT_MM_STATIC_CPU,
+                               FP8_DYNAMIC_CUDA)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,6 +447,10 @@ ROUTES: tuple[Route, ...] = (
     Route("int8-int-mm-cpu", "cpu", torch.float32),
     Route("int8-int-mm-cpu", "cpu", torch.bfloat16),
     Route("int8-int-mm-cpu", "cpu", torch.float16),
+    Route("int8-static-int-mm-cpu", "cpu", torch.float32),
+    Route("int8-static-int-mm-cpu", "cpu", torch.bfloat16),
+    Route("int8-static-int-mm-cpu", "cpu", torch.float16),
+    Route("fp8-dynamic-scaled-mm-cuda", "cuda", torch.bfloat16),
 )
 
 
@@ -494,8 +522,10 @@ def kernel_works(name: str, device: str, dtype: torch.dtype) -> bool:
     out_features, in_features = 32, 64
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(out_features, in_features, generator=gen) / 8 + torch.rand(out_features, 1, generator=gen) / 8
-    stored = {k: v.to(device) for k, v in fmt.quantize(weight).stored().items()}
     x = torch.randn(3, in_features, generator=gen).to(device=device, dtype=dtype)
+    mode = ACTIVATION_MODES.get(kernel.activations)
+    calibrated = mode.tensors_for_range(float(x.abs().max())) if mode and mode.tensors_for_range else {}
+    stored = {k: v.to(device) for k, v in {**fmt.quantize(weight).stored(), **calibrated}.items()}
     try:
         lay = kernel.layout(fmt, in_features, out_features)
         got = kernel.matmul(x, kernel.pack(stored, fmt, lay, dtype), lay).float()

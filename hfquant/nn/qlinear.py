@@ -4,7 +4,8 @@ Stored tensors are exactly those the format declares (:meth:`WeightFormat.specs`
 the checkpoint keys, so a saved model reloads by name): ``weight`` (int32 words of packed codes,
 never ``nn.Linear``'s shape, so a checkpoint loaded without ``import hfquant`` fails with a size
 mismatch instead of loading garbage), ``weight_<param>`` per group (e.g. ``weight_scale``,
-``weight_zero``), and ``bias`` unchanged in the model's dtype. Casting the module (``.to(bfloat16)``)
+``weight_zero``), the tensors the scheme's input mode adds (:meth:`ActivationMode.specs`, e.g. the
+calibrated ``input_scale`` of ``int8-static``), and ``bias`` unchanged in the model's dtype. Casting the module (``.to(bfloat16)``)
 moves the stored tensors but never changes their dtype: only the bias and the compute dtype follow.
 
 Inference runs the reference path (dequantize in the activation dtype, then ``F.linear``; for a
@@ -42,7 +43,8 @@ class QuantLinear(nn.Module):
         self.scheme = scheme
         self.transposed_source = transposed_source
         self.specs = scheme.weight.specs(out_features, in_features)
-        for name, spec in self.specs.items():
+        self.input_specs = scheme.input_specs()
+        for name, spec in {**self.specs, **self.input_specs}.items():
             self.register_parameter(name, nn.Parameter(torch.zeros(spec.shape, dtype=spec.dtype, device=device),
                                                        requires_grad=False))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
@@ -57,6 +59,15 @@ class QuantLinear(nn.Module):
     def stored(self) -> dict[str, torch.Tensor]:
         """The stored tensors of the weight, keyed like :meth:`QuantizedWeight.stored`."""
         return {name: getattr(self, name) for name in self.specs}
+
+    def input_params(self) -> dict[str, torch.Tensor]:
+        """The stored tensors of the input mode (``{}`` for weight-only and dynamic modes)."""
+        return {name: getattr(self, name) for name in self.input_specs}
+
+    def load_input_params(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy the input mode's tensors in (e.g. a calibrated ``input_scale``)."""
+        for name in self.input_specs:
+            getattr(self, name).data.copy_(tensors[name])
 
     def load_quantized(self, quantized: QuantizedWeight) -> None:
         """Copy a quantized weight in (shapes and dtypes must match this layer's format)."""
@@ -78,13 +89,18 @@ class QuantLinear(nn.Module):
         self._kernel_request = (dtype, widen, mode)
         if self.weight.device.type == "meta":
             return "reference"
+        if self.scheme.input is not None:
+            problem = self.scheme.input.check_device(self.weight.device)
+            if problem:
+                raise ValueError(f"scheme {self.scheme.name}: {problem}")
         activations = None if self.scheme.input is None else self.scheme.input.name
         plan = kernels.plan_for(self.fmt, self.in_features, self.out_features, self.weight.device, dtype, widen,
                                 mode, activations=activations)
         if plan is None:
             return "reference"
         with torch.no_grad():
-            tensors = plan.kernel.pack(self.stored(), self.fmt, plan.layout, plan.route.computes_in)
+            tensors = plan.kernel.pack({**self.stored(), **self.input_params()}, self.fmt, plan.layout,
+                                       plan.route.computes_in)
         for name, tensor in tensors.items():
             self.register_buffer(_KERNEL_PREFIX + name, tensor, persistent=False)
         self.kernel_plan = plan
@@ -111,7 +127,7 @@ class QuantLinear(nn.Module):
             return plan.linear(x, self.kernel_tensors(), self.bias)
         if self.scheme.input is not None:
             return kernels.activation_quantized_linear(x, self.stored(), self.fmt, self.scheme.input,
-                                                       self.in_features, self.bias)
+                                                       self.in_features, self.bias, self.input_params())
         return kernels.reference_linear(x, self.stored(), self.fmt, self.in_features, self.bias)
 
     def _apply(self, fn, recurse: bool = True):  # same signature as nn.Module._apply
@@ -119,7 +135,7 @@ class QuantLinear(nn.Module):
         request = self._kernel_request
         self.release_kernel()
         order = list(self._parameters)
-        stored = {name: self._parameters.pop(name) for name in self.specs}
+        stored = {name: self._parameters.pop(name) for name in (*self.specs, *self.input_specs)}
         module = super()._apply(fn, recurse)
         for param in stored.values():
             moved = fn(param.data)

@@ -64,6 +64,7 @@ def test_export_from_a_saved_folder_copies_the_tokenizer(tiny_checkpoints, tmp_p
     ({"format": "int4", "group_size": 32, "sym": False}, "asymmetric"),
     ({"format": "int3", "group_size": 32, "sym": True}, "3-bit"),
     ({"format": "int4", "group_size": 48, "sym": True}, "not a multiple of group_size"),
+    ({"format": "int8", "group_size": -1, "activations": "int8-dynamic"}, "inputs are quantized too"),
 ])
 def test_formats_it_cannot_hold_are_refused_naming_layer_and_format(fields, reason, tiny_checkpoints,
                                                                     tmp_path: Path) -> None:

@@ -84,8 +84,8 @@ def test_scheme_saves_its_input_mode_and_old_schemes_still_load() -> None:
     assert scheme.name != LayerScheme(W8).name
     old = {"weight": W8.to_dict()}
     assert LayerScheme.from_dict(old) == LayerScheme(W8) and "input" not in LayerScheme(W8).to_dict()
-    with pytest.raises(ValueError, match="input='int8-static'"):
-        LayerScheme.from_dict({"weight": W8.to_dict(), "input": "int8-static"})
+    with pytest.raises(ValueError, match="input='int4-static'"):
+        LayerScheme.from_dict({"weight": W8.to_dict(), "input": "int4-static"})
     with pytest.raises(ValueError, match="int8-dynamic"):
         LayerScheme(IntAffine(bits=4, group_size=32), INT8_DYNAMIC)
     with pytest.raises(ValueError, match="plan: scheme.*int8-dynamic.*not allowed with weight format"):
@@ -95,7 +95,7 @@ def test_scheme_saves_its_input_mode_and_old_schemes_still_load() -> None:
             "layers": {"model.layers.0.mlp.up_proj": "int4-g32-asym+int8-dynamic"}})
 
 
-@pytest.mark.parametrize("value", ["int8-static", "INT8-DYNAMIC", "", 8, True, ["int8-dynamic"]])
+@pytest.mark.parametrize("value", ["int4-static", "INT8-DYNAMIC", "", 8, True, ["int8-dynamic"]])
 def test_bad_activation_values_name_the_field(value: object) -> None:
     with pytest.raises(ValueError, match=r"activations=.*not allowed.*int8-dynamic"):
         hfquant.HfQuantConfig(format="int8", group_size=-1, activations=value)
@@ -119,7 +119,7 @@ def test_config_records_activations_and_rules_set_them_per_layer() -> None:
     ruled = hfquant.HfQuantConfig(format="int4", rules={"mlp": {"format": "int8", "activations": "int8-dynamic"}})
     assert ruled.quant_plan.rules[0][1].input is INT8_DYNAMIC and ruled.default_scheme.input is None
     assert hfquant.HfQuantConfig(**ruled.to_dict()).quant_plan == ruled.quant_plan
-    with pytest.raises(ValueError, match="activations='fp8-dynamic'"):
+    with pytest.raises(ValueError, match="activations='fp8-dynamic' is not allowed with weight format 'int8-gc-sym'"):
         hfquant.HfQuantConfig(rules={"mlp": {"format": "int8", "activations": "fp8-dynamic"}})
 
 

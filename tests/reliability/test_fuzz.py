@@ -112,6 +112,8 @@ FIELDS: dict[str, st.SearchStrategy] = {
     "seed": mixed(INTS),
     "kernels": mixed(st.sampled_from(["auto", "exact", "off", "fast"])),
     "activations": ACTIVATIONS,
+    "observer": mixed(st.sampled_from([None, "minmax", "percentile", "mse", "max"])),
+    "observer_percentile": mixed(st.one_of(st.none(), st.floats(), st.sampled_from([99.99, 100, 0, 50]))),
     "plan": PLANS,
     "target_bits": mixed(st.one_of(st.floats(), st.sampled_from([2.5, 3.25, 4, 0, 33]))),
     "candidates": mixed(st.one_of(st.none(), st.lists(st.one_of(FORMAT, st.sampled_from(["int3-g128", "int2-g64"])),
@@ -134,7 +136,10 @@ METHOD_FIELDS = {"gptq": GPTQ_FIELDS, "hqq": HQQ_FIELDS, "rtn": {}}  # every reg
 # what a field needs beside it to be meaningful: method options need their method, format fields their format
 CONTEXT = {**{name: {"method": method} for method, fields in METHOD_FIELDS.items() for name in (*fields, method)},
            "scale_rule": {"format": "ternary"}, "candidates": {"target_bits": 4},
-           "activations": {"format": "int8", "group_size": -1}}
+           "activations": {"format": "int8", "group_size": -1},
+           "observer": {"format": "int8", "group_size": -1, "activations": "int8-static"},
+           "observer_percentile": {"format": "int8", "group_size": -1, "activations": "int8-static",
+                                   "observer": "percentile"}}
 
 
 # --- the property ---------------------------------------------------------------------------------
@@ -209,6 +214,8 @@ VALID_FORMAT = st.sampled_from(format_names()).flatmap(_valid_format)
 QUANTIZE_FORMAT = {  # always given, so that every format gets quantized by every data-free method
     "format": st.one_of(st.sampled_from(format_names()), VALID_FORMAT, st.sampled_from(format_names()).map(np.str_)),
     "method": st.sampled_from([name for name in sorted(METHOD_FIELDS) if not get_method(name).calibrated]),
+    "num_samples": st.just(2),  # int8-static calibrates even with a data-free method: keep it small
+    "seqlen": st.just(16),
 }
 QUANTIZE_FIELDS = {
     "group_size": st.one_of(st.sampled_from([-1, 16, 32, None]), st.sampled_from([16, 32]).map(np.int64),
