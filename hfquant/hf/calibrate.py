@@ -6,10 +6,11 @@ import logging
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
-from hfquant.algorithms import get_method
+from hfquant.algorithms import DataFreeSolver, get_method
+from hfquant.algorithms.smoothquant import SmoothQuant
 from hfquant.calibration.data import (calibration_batches, check_calibration_inputs, describe_source,
                                       is_tokenized, tokenized_batch)
-from hfquant.calibration.pipeline import quantize_sequentially
+from hfquant.calibration.pipeline import BlockTransform, quantize_sequentially
 from hfquant.hf.config import HfQuantConfig
 from hfquant.formats import QuantizedWeight
 from hfquant.allocation import Option, allocate, budget_from_bits_per_weight
@@ -77,6 +78,19 @@ def allocated_plan(model: PreTrainedModel, config: HfQuantConfig, batches: list[
     return plan
 
 
+def block_transforms(model: PreTrainedModel, config: HfQuantConfig) -> list[BlockTransform]:
+    """The block transforms of ``config`` (SmoothQuant, the method's own), in the order they run; building them
+    checks that the model's architecture has layer mappings (so this also serves as that check, before loading)."""
+    transforms: list[BlockTransform] = []
+    if config.smoothquant is not None:
+        transforms.append(SmoothQuant(config.smoothquant, model.config))
+    method = get_method(config.method)
+    if method.transform is not None:
+        formats = {name: scheme.weight for name, scheme in config.plan.layers.items()}
+        transforms.append(method.transform(config.options, formats, model.config))
+    return transforms
+
+
 def calibrate_and_quantize(model: PreTrainedModel, config: HfQuantConfig, batch_size: int = 8) -> None:
     """Quantize every layer of the config's plan in place: allocated first when ``config.target_bits`` is
     set, then with the calibrated method (or, for a data-free method, its own path)."""
@@ -92,12 +106,15 @@ def calibrate_and_quantize(model: PreTrainedModel, config: HfQuantConfig, batch_
         quantize_layer_in_place(model, name, quantized, layers[name])
 
     done: list[str] = []
-    if method.calibrated:
-        solver = method.solver(config.options, {name: scheme.weight for name, scheme in layers.items()})
+    transforms = block_transforms(model, config)
+    if method.calibrated or transforms:
+        formats = {name: scheme.weight for name, scheme in layers.items()}
+        solver = (method.solver(config.options, formats) if method.calibrated
+                  else DataFreeSolver(method.quantize, config.options, formats))
         targets = {name: model.get_submodule(name) for name in layers}
-        done = quantize_sequentially(model, batches, targets, solver, float_weight, replace)
+        done = quantize_sequentially(model, batches, targets, solver, float_weight, replace, transforms=transforms)
     for name in [n for n in layers if n not in set(done)]:  # data-free, or outside the decoder blocks
-        if method.calibrated:
+        if done:
             logger.info("hfquant: %s is outside the decoder blocks; quantizing it with %s's data-free path",
                         name, method.name)
         weight = float_weight(model.get_submodule(name)).detach().float()
