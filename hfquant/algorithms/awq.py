@@ -137,8 +137,8 @@ class _InputStats:
     def rescale(self, scales: torch.Tensor) -> None:
         """The input became ``x / scales`` (the scales were folded)."""
         scales = scales.to(self.abs_sum.device)
-        self.hessian.hessian /= scales[:, None] * scales[None, :]
-        self.abs_sum /= scales.double()
+        self.hessian.hessian = self.hessian.hessian / (scales[:, None] * scales[None, :])
+        self.abs_sum = self.abs_sum / scales.double()
 
 
 class AWQTransform:
