@@ -111,3 +111,12 @@ def test_an_architecture_without_mappings_fails_before_loading(tmp_path: Path) -
     with pytest.raises(ValueError, match=r"smoothquant needs the layer mappings.*model_type='gpt_neox'"):
         AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=hfquant.HfQuantConfig(
             smoothquant=0.5, dataset=TOKENS))
+
+
+def test_cli_quantize_takes_smoothquant(tiny_checkpoints: dict, tmp_path: Path) -> None:
+    from hfquant.cli import main
+
+    main(["quantize", str(tiny_checkpoints["opt"]), str(tmp_path / "q"), "--format", "int8", "--smoothquant", "0.5",
+          "--num-samples", "2", "--calib-seqlen", "32"])
+    saved = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert saved["smoothquant"] == 0.5 and saved["calibration"]["num_samples"] == 2
