@@ -116,7 +116,9 @@ def test_an_architecture_without_mappings_fails_before_loading(tmp_path: Path) -
 def test_cli_quantize_takes_smoothquant(tiny_checkpoints: dict, tmp_path: Path) -> None:
     from hfquant.cli import main
 
+    text = tmp_path / "calibration.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     main(["quantize", str(tiny_checkpoints["opt"]), str(tmp_path / "q"), "--format", "int8", "--smoothquant", "0.5",
-          "--num-samples", "2", "--calib-seqlen", "32"])
+          "--calib-dataset", str(text), "--num-samples", "2", "--calib-seqlen", "32"])
     saved = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert saved["smoothquant"] == 0.5 and saved["calibration"]["num_samples"] == 2
