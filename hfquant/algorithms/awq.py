@@ -170,7 +170,9 @@ class AWQTransform:
     def apply(self, block: nn.Module, prefix: str) -> None:
         transposed = self.architecture.transposed
         for mapping in self.mappings:
-            stats = self.stats[mapping.balance_names[0]]
+            stats = self.stats.get(mapping.balance_names[0])
+            if stats is None:  # the block never called these layers on the calibration data: nothing to weigh by
+                continue
             weights = [balance_weight(layer, transposed).detach().float() for layer in mapping.balance]
             formats = [self.formats.get(prefix + name) for name in mapping.balance_names]
             scales, _ = search_scales(weights, formats, stats.hessian.hessian, stats.act_mean, self.options.grid)
@@ -178,7 +180,7 @@ class AWQTransform:
             stats.rescale(scales)
         if self.options.clip:
             for name in self.quantized:
-                if name in self.architecture.query_key:
+                if name in self.architecture.query_key or self.input_of[name] not in self.stats:
                     continue
                 weight = balance_weight(block.get_submodule(name), transposed)
                 clipped = search_clip(weight.detach().float(), self.formats[prefix + name],
