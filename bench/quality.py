@@ -2,11 +2,16 @@
 
     python bench/quality.py --name rtn_quality --specs int8 int4-g128 int3-g128 int2-g64
     python bench/quality.py --name gptq_vs_rtn --specs int4-g128 gptq:int4-g128 int3-g128 gptq:int3-g128 ...
+    python bench/quality.py --name w8a8 --specs "int8;activations=int8-dynamic" \
+        "int8;activations=int8-dynamic;smoothquant=0.5" "awq:int4-g128;solver=gptq"
+
+A spec is ``[method:]format-spec`` optionally followed by ``;field=value`` pairs of further
+``HfQuantConfig`` keyword arguments (values parsed as JSON where they parse, else kept as text).
 
 Every row is scored on the same tokens (the bundled corpus's test split, or --dataset) with both
 perplexity protocols, KL divergence and top-1 agreement against the float model; rows record
 stored bits per weight, quantize time and peak memory of the quantize step. GPTQ rows calibrate
-on the train split with the same samples. Writes ``bench/results/<name>.{json,md,png}``.
+on the train split with the same samples (every row whose config needs data: GPTQ, AWQ, SmoothQuant). Writes ``bench/results/<name>.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -21,21 +26,37 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, PeakMemory, environment, run_row_process, write_results  # noqa: E402
 
 
+def spec_kwargs(spec: str) -> dict:
+    """``"[method:]format-spec;field=value;..."`` → HfQuantConfig keyword arguments."""
+    from hfquant import workflows
+
+    head, *pairs = spec.split(";")
+    kwargs = workflows.parse_spec(head)
+    for pair in pairs:
+        field, _, text = pair.partition("=")
+        try:
+            kwargs[field.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            kwargs[field.strip()] = text.strip()
+    return kwargs
+
+
 def run_row(args: argparse.Namespace, spec: str) -> dict:
     """Quantize and evaluate one configuration in this process (called in a child process)."""
     import torch
     from transformers import AutoTokenizer
 
-    from hfquant import workflows
+    from hfquant import HfQuantConfig, workflows
 
     path = workflows.resolve_model(args.model)
     settings = workflows.EvalSettings(dataset=args.dataset, seqlen=args.seqlen, stride=args.stride,
-                                      max_tokens=args.max_tokens, batch_size=args.batch_size, progress=False)
+                                      max_tokens=args.max_tokens, batch_size=args.batch_size, progress=False,
+                                      protocols=tuple(args.protocols))
     ids = workflows.eval_tokens(AutoTokenizer.from_pretrained(path), settings)
     kwargs = None
     if spec != "fp32":
-        kwargs = workflows.parse_spec(spec)
-        if kwargs.get("method") == "gptq":
+        kwargs = spec_kwargs(spec)
+        if HfQuantConfig(**kwargs).calibrated:
             kwargs.update(num_samples=args.num_samples, seqlen=args.calib_seqlen, seed=0, dataset=args.dataset)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -61,6 +82,8 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=1024)
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--protocols", nargs="+", default=["gptq", "strided"],
+                        help="perplexity protocols (with --stride equal to --seqlen they agree: one is enough)")
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--calib-seqlen", type=int, default=2048)
     parser.add_argument("--device", default=None, help="device_map for from_pretrained, e.g. cuda")

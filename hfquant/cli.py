@@ -108,8 +108,8 @@ def _quant_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                               "sym": args.sym, "rules": args.rules, "method": args.method}
     if args.target_bits is not None or args.candidates is not None:
         kwargs.update(target_bits=args.target_bits, candidates=args.candidates)
-    kwargs.update({field: getattr(args, field) for field in ("activations", "observer", "observer_percentile")
-                   if getattr(args, field) is not None})
+    kwargs.update({field: getattr(args, field) for field in ("activations", "observer", "observer_percentile",
+                                                             "smoothquant") if getattr(args, field) is not None})
     given = _calibration_kwargs(args)
     if given and not HfQuantConfig(**kwargs).calibrated:
         raise ValueError(f"{_flags(given)} given, but --method {args.method} uses no calibration data; drop "
@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--candidates", nargs="+", default=None, metavar="SPEC",
                         help="formats --target-bits chooses from (default: int2-g64 int3-g128 int4-g128 int8)")
     _add_activation_args(quantize)
+    quantize.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
+                          help="SmoothQuant migration strength in [0, 1] (e.g. 0.5) before quantizing the weights; "
+                               "needs calibration data, works with rtn, hqq and gptq")
     _add_calibration_args(quantize)
     quantize.add_argument("--overwrite", action="store_true",
                           help="replace OUT even if it is a non-empty folder that is not an hfquant checkpoint "

@@ -148,7 +148,7 @@ def compare(model: str | None, specs: list[str], settings: EvalSettings, out_dir
     result = Comparison([evaluate(base, ids, settings, model_id=path, config={"format": "float"})])
     for spec in specs:
         kwargs = {**parse_spec(spec), **(quant_extra or {})}
-        if get_method(kwargs.get("method", "rtn")).calibrated:
+        if HfQuantConfig(**kwargs).calibrated:  # a calibrated method, target_bits or smoothquant
             kwargs.update(calibration_extra or {})
         quantized, seconds = load(path, kwargs)
         result.reports.append(evaluate(quantized, ids, settings, model_id=path, config={"format": spec},

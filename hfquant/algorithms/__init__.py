@@ -9,6 +9,8 @@ arguments of :class:`hfquant.HfQuantConfig` beyond the format fields), and the p
   blocks (no block inputs to calibrate on there).
 * ``solver(options, formats)``, calibrated methods only: a layer-wise solver for the sequential
   engine (:mod:`hfquant.calibration.pipeline`), given each target layer's format.
+* ``transform(options, formats, model_config)``, optional: a block transform the engine runs on each
+  float decoder block before its layers are solved (AWQ's scale and clipping search).
 
 The config validates options against the dataclass, so a new method is one file plus one registration.
 """
@@ -38,6 +40,8 @@ class Method:
     options: type  # a dataclass of method-specific keyword options with defaults
     quantize: Callable[[torch.Tensor, WeightFormat, Any], QuantizedWeight]  # the data-free path
     solver: Callable[[Any, dict[str, WeightFormat]], Any] | None = None  # calibrated methods: a LayerwiseSolver
+    # (options, formats, model config) -> a BlockTransform run on each float block before its layers are solved
+    transform: Callable[[Any, dict[str, WeightFormat], Any], Any] | None = None
     description: str = ""  # one sentence for model cards
     applies_to: Callable[[WeightFormat], str | None] = lambda fmt: None  # why it cannot take a format, or None
 
@@ -104,6 +108,24 @@ def check_option(name: str, value: Any, annotation: Any) -> Any:
     return require_choice(name, value, typing.get_args(base))
 
 
+class DataFreeSolver:
+    """A method's data-free path as a layer-wise solver for the sequential engine, for runs that need the engine
+    for something else (a block transform): each layer is quantized from its weight alone, so the engine
+    skips observing inputs (``observes = False``)."""
+
+    observes = False
+
+    def __init__(self, quantize: Callable[[torch.Tensor, WeightFormat, Any], QuantizedWeight], options: Any,
+                 formats: dict[str, WeightFormat]) -> None:
+        self.quantize, self.options, self.formats = quantize, options, formats
+
+    def observe(self, name: str, inputs: torch.Tensor) -> None:
+        raise RuntimeError("DataFreeSolver takes no inputs (observes = False)")
+
+    def solve(self, name: str, weight: torch.Tensor) -> QuantizedWeight:
+        return self.quantize(weight, self.formats[name], self.options)
+
+
 _METHODS: dict[str, Method] = {}
 
 
@@ -125,4 +147,4 @@ def method_names() -> list[str]:
     return sorted(_METHODS)
 
 
-from hfquant.algorithms import gptq, hqq, rtn  # noqa: E402,F401  (registers the built-in methods)
+from hfquant.algorithms import awq, gptq, hqq, rtn  # noqa: E402,F401  (registers the built-in methods)

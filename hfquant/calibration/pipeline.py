@@ -1,21 +1,22 @@
-"""The sequential calibration engine shared by calibrated methods (GPTQ now; AWQ, SmoothQuant later).
+"""The sequential calibration engine shared by calibrated methods (GPTQ, AWQ) and block transforms (SmoothQuant, AWQ).
 
 It runs the model block by block:
 
 1. capture the inputs of the first decoder block for every calibration batch;
-2. for each block, find the order its linear layers are called in and group the layers that
+2. for each block, let each :class:`BlockTransform` rescale the float block (it sees the block and its
+   inputs; the float output must stay the same), then find the order its linear layers are called in and group the layers that
    read the same input (q/k/v; gate/up), then, group by group ("true sequential"): observe the
    group's inputs while the block runs, let the method solve each layer, swap the layer in;
 3. run the now-quantized block once more: its outputs are the next block's inputs.
 
 Only one block's activations are held at a time. Blocks offloaded by accelerate are brought onto
 their execution device one layer at a time while that layer is solved. The engine knows nothing
-about any one method: a method is a :class:`LayerwiseSolver`.
+about any one method: a method is a :class:`LayerwiseSolver` and, optionally, block transforms.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,6 +36,22 @@ class LayerwiseSolver(Protocol):
 
     def solve(self, name: str, weight: torch.Tensor) -> QuantizedWeight:
         """Quantize a layer's ``(out, in)`` float weight from what was observed."""
+
+
+class BlockTransform(Protocol):
+    """Rewrites a float decoder block before its layers are solved (e.g. rescales channels between layers).
+
+    Module names are relative to the block; ``prefix`` is the block's name in the model plus ``"."``.
+    """
+
+    def watch(self, block: nn.Module, prefix: str) -> dict[str, nn.Module]:
+        """The block's modules whose inputs the transform needs to see (name → module)."""
+
+    def observe(self, name: str, inputs: torch.Tensor) -> None:
+        """See one batch of a watched module's inputs ``(..., features)``, from the float block."""
+
+    def apply(self, block: nn.Module, prefix: str) -> None:
+        """Change ``block`` in place from what was observed."""
 
 
 @dataclass
@@ -121,10 +138,13 @@ def quantize_sequentially(
     weight_of: Callable[[nn.Module], torch.Tensor],
     replace: Callable[[str, QuantizedWeight], None],
     progress: bool = True,
+    transforms: Sequence[BlockTransform] = (),
 ) -> list[str]:
     """Quantize the ``targets`` (name → float layer) that live in decoder blocks; returns their names.
 
     ``weight_of`` gives a layer's ``(out, in)`` weight; ``replace`` swaps a solved layer into the model.
+    ``transforms`` run on each float block, in order, before its layers are observed. A solver whose
+    ``observes`` attribute is ``False`` (a data-free method) gets no inputs, which saves a block pass per group.
     """
     blocks = find_blocks(model)
     block_names = {id(m): n for n, m in model.named_modules()}
@@ -132,9 +152,15 @@ def quantize_sequentially(
     done: list[str] = []
     for index, block in enumerate(tqdm(blocks, desc="Calibrating blocks", disable=not progress)):
         prefix = block_names[id(block)] + "."
+        for transform in transforms:
+            watched = transform.watch(block, prefix)
+            if watched:
+                run_with_input_hooks(block, watched, inputs, transform.observe)
+            transform.apply(block, prefix)
         in_block = {n: m for n, m in targets.items() if n.startswith(prefix)}
         for group in layer_groups(block, in_block, inputs[0]) if in_block else []:
-            _observe(block, {n: model.get_submodule(n) for n in group}, inputs, solver)
+            if getattr(solver, "observes", True):
+                run_with_input_hooks(block, {n: model.get_submodule(n) for n in group}, inputs, solver.observe)
             for name in group:
                 layer = model.get_submodule(name)
                 with align_module_device(layer):
@@ -146,8 +172,10 @@ def quantize_sequentially(
     return done
 
 
-def _observe(block: nn.Module, layers: dict[str, nn.Module], inputs: list[BlockInputs], solver: LayerwiseSolver) -> None:
-    handles = [layer.register_forward_hook(lambda _m, args, _o, name=name: solver.observe(name, args[0]))
+def run_with_input_hooks(block: nn.Module, layers: dict[str, nn.Module], inputs: list[BlockInputs],
+                         see: Callable[[str, torch.Tensor], None]) -> None:
+    """Run ``block`` on every batch of ``inputs``; ``see(name, x)`` gets each call's input of each of ``layers``."""
+    handles = [layer.register_forward_hook(lambda _m, args, _o, name=name: see(name, args[0]))
                for name, layer in layers.items()]
     try:
         with torch.inference_mode():

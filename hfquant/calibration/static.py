@@ -6,7 +6,7 @@ every batch of a layer's inputs that the engine shows the method is also counted
 once the layer is solved, its observer's clip value becomes the mode's stored tensors
 (:meth:`ObservingSolver.input_tensors`). The engine runs each block with the layers solved so far
 already swapped in, so a layer's scale is calibrated on the inputs the quantized model gives it.
-:class:`DataFreeSolver` lets a data-free method (``rtn``) run through the engine for this.
+:class:`~hfquant.algorithms.DataFreeSolver` lets a data-free method (``rtn``) run through the engine for this.
 """
 
 from __future__ import annotations
@@ -16,23 +16,9 @@ from typing import Any
 import torch
 
 from hfquant.activations import ActivationMode
-from hfquant.algorithms import Method
 from hfquant.calibration.observers import AbsHistogram, Observer, add_to_histogram
 from hfquant.calibration.pipeline import LayerwiseSolver
 from hfquant.formats import QuantizedWeight, WeightFormat
-
-
-class DataFreeSolver:
-    """A data-free method as a solver: it observes nothing and quantizes each weight on its own."""
-
-    def __init__(self, method: Method, formats: dict[str, WeightFormat], options: Any) -> None:
-        self.method, self.formats, self.options = method, formats, options
-
-    def observe(self, name: str, inputs: torch.Tensor) -> None:
-        pass
-
-    def solve(self, name: str, weight: torch.Tensor) -> QuantizedWeight:
-        return self.method.quantize(weight, self.formats[name], self.options)
 
 
 class ObservingSolver:
@@ -41,11 +27,14 @@ class ObservingSolver:
     def __init__(self, solver: LayerwiseSolver, modes: dict[str, ActivationMode], observer: Observer,
                  percentile: float | None) -> None:
         self.solver, self.modes, self.observer, self.percentile = solver, modes, observer, percentile
+        self.solver_observes = getattr(solver, "observes", True)
+        self.observes = self.solver_observes or bool(modes)  # the engine skips observing when nobody needs it
         self.histograms: dict[str, AbsHistogram] = {}
         self.calibrated: dict[str, dict[str, torch.Tensor]] = {}
 
     def observe(self, name: str, inputs: torch.Tensor) -> None:
-        self.solver.observe(name, inputs)
+        if self.solver_observes:
+            self.solver.observe(name, inputs)
         if name in self.modes:
             add_to_histogram(self.histograms.setdefault(name, AbsHistogram()), inputs)
 

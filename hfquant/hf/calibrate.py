@@ -6,12 +6,13 @@ import logging
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
-from hfquant.algorithms import get_method
+from hfquant.algorithms import DataFreeSolver, get_method
+from hfquant.algorithms.smoothquant import SmoothQuant
 from hfquant.calibration.data import (calibration_batches, check_calibration_inputs, describe_source,
                                       is_tokenized, tokenized_batch)
 from hfquant.calibration.observers import OBSERVERS
-from hfquant.calibration.pipeline import quantize_sequentially
-from hfquant.calibration.static import DataFreeSolver, ObservingSolver
+from hfquant.calibration.pipeline import BlockTransform, quantize_sequentially
+from hfquant.calibration.static import ObservingSolver
 from hfquant.hf.config import HfQuantConfig
 from hfquant.formats import QuantizedWeight
 from hfquant.allocation import Option, allocate, budget_from_bits_per_weight
@@ -79,6 +80,19 @@ def allocated_plan(model: PreTrainedModel, config: HfQuantConfig, batches: list[
     return plan
 
 
+def block_transforms(model: PreTrainedModel, config: HfQuantConfig) -> list[BlockTransform]:
+    """The block transforms of ``config`` (SmoothQuant, the method's own), in the order they run; building them
+    checks that the model's architecture has layer mappings (so this also serves as that check, before loading)."""
+    transforms: list[BlockTransform] = []
+    if config.smoothquant is not None:
+        transforms.append(SmoothQuant(config.smoothquant, model.config))
+    method = get_method(config.method)
+    if method.transform is not None:
+        formats = {name: scheme.weight for name, scheme in config.plan.layers.items()}
+        transforms.append(method.transform(config.options, formats, model.config))
+    return transforms
+
+
 def calibrate_and_quantize(model: PreTrainedModel, config: HfQuantConfig, batch_size: int = 8) -> None:
     """Quantize every layer of the config's plan in place: allocated first when ``config.target_bits`` is
     set, then with the calibrated method (or, for a data-free method, its own path). Layers whose input
@@ -95,7 +109,7 @@ def calibrate_and_quantize(model: PreTrainedModel, config: HfQuantConfig, batch_
     observed = {name: s.input for name, s in layers.items() if s.input is not None and s.input.calibrated}
     formats = {name: scheme.weight for name, scheme in layers.items()}
     solver = ObservingSolver(method.solver(config.options, formats) if method.calibrated
-                             else DataFreeSolver(method, formats, config.options),
+                             else DataFreeSolver(method.quantize, config.options, formats),
                              observed, OBSERVERS[config.observer] if observed else None, config.observer_percentile)
 
     def replace(name: str, quantized: QuantizedWeight) -> None:
@@ -105,15 +119,16 @@ def calibrate_and_quantize(model: PreTrainedModel, config: HfQuantConfig, batch_
             layer.prepare_kernel(model.dtype, mode=config.kernels)  # bit-identical to the reference path, faster
 
     done: list[str] = []
-    if method.calibrated or observed:
+    transforms = block_transforms(model, config)
+    if method.calibrated or observed or transforms:
         targets = {name: model.get_submodule(name) for name in layers}
-        done = quantize_sequentially(model, batches, targets, solver, float_weight, replace)
+        done = quantize_sequentially(model, batches, targets, solver, float_weight, replace, transforms=transforms)
     for name in [n for n in layers if n not in set(done)]:  # data-free, or outside the decoder blocks
         if name in observed:
             raise ValueError(f"layer {name} is outside the decoder blocks, so its inputs are not observed during "
                              f"calibration; activations={observed[name].name!r} is allowed only on layers inside "
                              "them (give this layer a rule without it, or keep it in full precision)")
-        if method.calibrated:
+        if done:
             logger.info("hfquant: %s is outside the decoder blocks; quantizing it with %s's data-free path",
                         name, method.name)
         weight = float_weight(model.get_submodule(name)).detach().float()

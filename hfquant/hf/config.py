@@ -89,6 +89,11 @@ class HfQuantConfig(QuantizationConfigMixin):
             ``config.json`` then holds the resolved plan: a reload needs no data.
         candidates: the formats ``target_bits`` chooses from (spec strings such as ``"int3-g128"``, or
             dicts of format fields); default :data:`DEFAULT_CANDIDATES`.
+        smoothquant: SmoothQuant's migration strength alpha in [0, 1], or ``None`` (off): before the weights
+            are quantized, per input channel ``s = max|x|^alpha / max|w|^(1-alpha)`` moves activation outliers
+            into the weights, folded into the preceding norm or linear (:mod:`hfquant.algorithms.smoothquant`,
+            mappings in :mod:`hfquant.mappings`), so the float model is unchanged. Needs calibration data,
+            with any method but ``awq``.
         plan: the resolved per-layer plan; filled in when a model is quantized, read back on reload.
         **options: fields of the default format beyond the above (e.g. ``scale_rule`` of ternary),
             then method-specific options (see the method's options dataclass).
@@ -114,6 +119,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         kernels: str = "auto",
         target_bits: float | None = None,
         candidates: list[Any] | None = None,
+        smoothquant: float | None = None,
         plan: dict[str, Any] | None = None,
         calibration: dict[str, Any] | None = None,
         base_model: str | None = None,
@@ -153,6 +159,7 @@ class HfQuantConfig(QuantizationConfigMixin):
             registered.check_format(scheme.weight)
         self.observer, self.observer_percentile = _check_observer(observer, observer_percentile,
                                                                   _calibrates_inputs(self.quant_plan))
+        self.smoothquant = _check_smoothquant(smoothquant, self.method, self.target_bits)
         self.plan = None if plan is None else ResolvedPlan.from_dict(plan)
         self.options = registered.parse_options(method_options)
         if modules_to_not_convert is not None:
@@ -194,8 +201,8 @@ class HfQuantConfig(QuantizationConfigMixin):
     @property
     def calibrated(self) -> bool:
         """Whether quantizing needs calibration data (a calibrated method, an allocation to ``target_bits``,
-        or a calibrated input mode such as ``int8-static``)."""
-        return (get_method(self.method).calibrated or self.target_bits is not None
+        SmoothQuant's statistics, or a calibrated input mode such as ``int8-static``)."""
+        return (get_method(self.method).calibrated or self.target_bits is not None or self.smoothquant is not None
                 or _calibrates_inputs(self.quant_plan))
 
     @property
@@ -218,6 +225,8 @@ class HfQuantConfig(QuantizationConfigMixin):
             out.update(observer=self.observer, observer_percentile=self.observer_percentile)
         if self.target_bits is not None:
             out.update(target_bits=self.target_bits, candidates=[c.weight.to_dict() for c in self.candidates])
+        if self.smoothquant is not None:
+            out["smoothquant"] = self.smoothquant
         out.update(modules_to_not_convert=self.modules_to_not_convert,
                    plan=None if self.plan is None else self.plan.to_dict(), base_model=self.base_model)
         if self.calibrated:
@@ -349,7 +358,8 @@ def _check_qat(qat: Any, learn_scales: Any, config: HfQuantConfig) -> tuple[bool
                          "weight-only schemes (fake-quantized activations are not implemented yet)")
     if qat and config.calibrated:
         raise ValueError(f"qat=True is not allowed with method={config.method!r}"
-                         f"{' and target_bits' if config.target_bits is not None else ''}; allowed: a data-free "
+                         f"{' and target_bits' if config.target_bits is not None else ''}"
+                         f"{' and smoothquant' if config.smoothquant is not None else ''}; allowed: a data-free "
                          "method (rtn) and no target_bits: QAT trains the weights the grid is chosen from")
     if learn_scales:
         plan = config.quant_plan
@@ -358,6 +368,20 @@ def _check_qat(qat: Any, learn_scales: Any, config: HfQuantConfig) -> tuple[bool
                 raise ValueError(f"qat_learn_scales=True is not allowed for format {scheme.weight.name!r}, "
                                  "which stores no scale; allowed: formats with a per-group scale")
     return qat, learn_scales
+
+
+def _check_smoothquant(alpha: Any, method: str, target_bits: float | None) -> float | None:
+    """SmoothQuant's alpha in [0, 1] or ``None``; refused with the methods and fields it does not compose with."""
+    if alpha is None:
+        return None
+    alpha = require_float("smoothquant", alpha, 0.0, 1.0)
+    if get_method(method).transform is not None:
+        raise ValueError(f"smoothquant={alpha} is not allowed with method={method!r}, which rescales the same "
+                         "channels itself; allowed: smoothquant=None, or a method without a block transform")
+    if target_bits is not None:
+        raise ValueError(f"smoothquant={alpha} is not allowed with target_bits (the allocation measures the "
+                         "unsmoothed layers); allowed: smoothquant=None or target_bits=None")
+    return alpha
 
 
 def _check_calibration(calibration: Any) -> dict[str, Any] | None:

@@ -16,7 +16,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from hfquant.algorithms import get_method
 from hfquant.hf import integration, verify
-from hfquant.hf.calibrate import calibrate_and_quantize
+from hfquant.hf.calibrate import block_transforms, calibrate_and_quantize
 from hfquant.hf.config import HfQuantConfig
 from hfquant.hf.saving import save_pretrained_with_card
 from hfquant.nn.qlinear import QuantLinear, prepare_for_inference
@@ -62,6 +62,7 @@ class HfQuantQuantizer(HfQuantizer):
                 verify.verify_checkpoint(checkpoint_files, shapes, config.plan, require_metadata=saved_plan is not None)
         else:
             integration.check_no_tied_layers(model, config.plan)
+            block_transforms(model, config)  # an architecture without layer mappings fails before the weights load
         if self.pre_quantized or not config.calibrated:
             integration.replace_linear_layers(model, config.plan)
 

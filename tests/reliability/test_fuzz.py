@@ -97,6 +97,13 @@ GPTQ_FIELDS: dict[str, st.SearchStrategy] = {
     "static_groups": mixed(st.sampled_from([True, False, None])),
     "mse_clip": mixed(st.booleans()),
 }
+AWQ_FIELDS: dict[str, st.SearchStrategy] = {
+    "grid": mixed(st.one_of(st.sampled_from([1, 20, 0]), INTS)),
+    "clip": mixed(st.booleans()),
+    "clip_grid": mixed(st.one_of(st.sampled_from([1, 20, 0]), INTS)),
+    "max_shrink": mixed(st.one_of(st.floats(), st.sampled_from([0.0, 0.5, 1.0, -0.1]))),
+    "solver": mixed(st.sampled_from(["rtn", "gptq", "hqq", "GPTQ"])),
+}
 FIELDS: dict[str, st.SearchStrategy] = {
     "format": FORMAT,
     "bits": mixed(st.one_of(st.sampled_from([2, 3, 4, 8]), INTS)),
@@ -128,11 +135,14 @@ FIELDS: dict[str, st.SearchStrategy] = {
     "scale_rule": SCALE_RULE,  # a format field beyond the named ones (ternary)
     "gptq": mixed(st.fixed_dictionaries({}, optional=GPTQ_FIELDS)),  # method options as saved
     "hqq": mixed(st.fixed_dictionaries({}, optional=HQQ_FIELDS)),
+    "awq": mixed(st.fixed_dictionaries({}, optional=AWQ_FIELDS)),
+    "smoothquant": mixed(st.one_of(st.none(), st.floats(), st.sampled_from([0.5, 0, 1, 1.5, -0.1]))),
     "not_an_option": JUNK,
     **GPTQ_FIELDS,
     **HQQ_FIELDS,
+    **AWQ_FIELDS,
 }
-METHOD_FIELDS = {"gptq": GPTQ_FIELDS, "hqq": HQQ_FIELDS, "rtn": {}}  # every registered method's options
+METHOD_FIELDS = {"awq": AWQ_FIELDS, "gptq": GPTQ_FIELDS, "hqq": HQQ_FIELDS, "rtn": {}}  # every registered method's options
 # what a field needs beside it to be meaningful: method options need their method, format fields their format
 CONTEXT = {**{name: {"method": method} for method, fields in METHOD_FIELDS.items() for name in (*fields, method)},
            "scale_rule": {"format": "ternary"}, "candidates": {"target_bits": 4},
