@@ -10,8 +10,9 @@ Precedence, per layer:
    by default the output embeddings and tied weights, plus the model's keep-in-fp32 modules) stays
    in full precision;
 2. otherwise the *first* rule whose pattern matches decides: its scheme, or ``None`` = full precision;
-3. otherwise the default scheme; for the token embedding and the output head the plan's
-   ``embeddings`` scheme instead (``None`` = full precision).
+3. otherwise the default scheme; for the ``embedding_layers`` given to :meth:`QuantPlan.resolve`
+   (the token embedding; the output head too when ``HfQuantConfig(embeddings=...)`` is set) the
+   plan's ``embeddings`` scheme instead (``None`` = full precision).
 
 A rule whose pattern matches no linear layer at all is an error naming the rule, so a typo never
 silently leaves a rule unused.

@@ -71,9 +71,11 @@ def _model_embeddings(model: nn.Module, getter: str) -> nn.Module | None:
         return None
 
 
-def embedding_layers(model: nn.Module) -> list[str]:
-    """The layers the ``embeddings`` scheme is for: the token embedding and the output head (those present)."""
-    return [name for name in (input_embedding_name(model), output_head_name(model)) if name is not None]
+def embedding_layers(model: nn.Module, with_head: bool) -> list[str]:
+    """The layers whose default is the ``embeddings`` scheme (those present): the token embedding, and the
+    output head when ``with_head`` (``embeddings`` given; otherwise the head defaults like any linear layer)."""
+    names = (input_embedding_name(model), output_head_name(model) if with_head else None)
+    return [name for name in names if name is not None]
 
 
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -124,12 +126,14 @@ def check_no_tied_layers(model: nn.Module, plan: ResolvedPlan, allow_tied_heads:
     """
     tied_keys = getattr(model, "all_tied_weights_keys", None) or {}
     tied = {key.removesuffix(".weight") for pair in tied_keys.items() for key in pair}
-    tied -= {name for pair in tied_heads(model).items() for name in pair} if allow_tied_heads else set()
+    if allow_tied_heads:  # a pair quantized together is stored once (check_embedding_plan checks their schemes)
+        tied -= {name for pair in tied_heads(model).items() if set(pair) <= set(plan.layers) for name in pair}
     offending = sorted(name for name in plan.layers if name in tied)
     if offending:
         raise ValueError(f"the plan quantizes {offending}, but their weights are tied to other tensors "
                          "(tie_word_embeddings); allowed: keep them in full precision (modules_to_not_convert=None "
-                         "does by default, or list them, or give them a None rule)")
+                         "does by default, or list them, or give them a None rule), or quantize a tied output head "
+                         "together with its token embedding in one scheme (embeddings=...)")
 
 
 def check_finite_weights(model: nn.Module, names: list[str]) -> None:

@@ -42,7 +42,7 @@ class HfQuantQuantizer(HfQuantizer):
         config = self.quantization_config
         requested = config.modules_to_not_convert
         skip = self.get_modules_to_not_convert(model, requested, keep_in_fp32_modules)
-        embeddings = integration.embedding_layers(model)
+        embeddings = integration.embedding_layers(model, with_head=config.embeddings is not None)
         if requested is None and config.embeddings is not None:  # the embeddings scheme decides them, not the default skips
             skip = [name for name in skip if name not in embeddings or name in (keep_in_fp32_modules or [])]
         skip = sorted(skip)
@@ -58,6 +58,8 @@ class HfQuantQuantizer(HfQuantizer):
             raise ValueError(f"the quantization plan names {unknown[:5]}, which are not linear layers (or the token "
                              f"embedding) of "
                              f"{type(model).__name__}; the checkpoint was saved from another architecture")
+        if not (config.qat or self.pre_quantized):
+            integration.check_no_tied_layers(model, config.plan, allow_tied_heads=True)
         integration.check_embedding_plan(model, config.plan, config.embeddings is not None)
         if config.qat:  # float weights load by name into fake-quantized layers (a QAT checkpoint resumes)
             integration.check_no_tied_layers(model, config.plan)
@@ -71,8 +73,6 @@ class HfQuantQuantizer(HfQuantizer):
                 shapes = {name: integration.linear_shape(m) for name, m in layers.items()}
                 verify.verify_checkpoint(checkpoint_files, shapes, config.plan, require_metadata=saved_plan is not None,
                                          tied=integration.tied_heads(model))
-        else:
-            integration.check_no_tied_layers(model, config.plan, allow_tied_heads=True)
         if self.pre_quantized or not config.calibrated:
             integration.replace_linear_layers(model, config.plan)
 
