@@ -93,6 +93,8 @@ def _quant_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                               "sym": args.sym, "rules": args.rules, "method": args.method}
     if args.target_bits is not None or args.candidates is not None:
         kwargs.update(target_bits=args.target_bits, candidates=args.candidates)
+    if args.embeddings is not None:
+        kwargs["embeddings"] = args.embeddings
     given = _calibration_kwargs(args)
     if given and not get_method(args.method).calibrated and args.target_bits is None:
         raise ValueError(f"{_flags(given)} given, but --method {args.method} uses no calibration data; drop "
@@ -237,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "weight, by measured sensitivity (needs calibration data; see README, 'Bit allocation')")
     quantize.add_argument("--candidates", nargs="+", default=None, metavar="SPEC",
                         help="formats --target-bits chooses from (default: int2-g64 int3-g128 int4-g128 int8)")
+    quantize.add_argument("--embeddings", default=None, metavar="SPEC",
+                          help="format of the token embedding and output head, e.g. int8 (a tied head shares the "
+                               "embedding's table; default: both stay float)")
     _add_calibration_args(quantize)
     quantize.add_argument("--overwrite", action="store_true",
                           help="replace OUT even if it is a non-empty folder that is not an hfquant checkpoint "

@@ -193,3 +193,37 @@ def test_export_refuses_quantized_embeddings(tiny_checkpoints: dict, tmp_path: P
         format="int4", group_size=32, sym=True))
     with pytest.raises(ValueError, match="quantized token embeddings are not exported yet"):
         hfquant.export(model, tmp_path / "out", to="compressed-tensors")
+
+
+def test_cli_quantize_takes_embeddings(tiny_checkpoints: dict, tmp_path: Path) -> None:
+    from hfquant.cli import main
+
+    main(["quantize", str(tiny_checkpoints["qwen2"]), str(tmp_path / "q"), "--group-size", "32",
+          "--embeddings", "int8-g32"])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert model.get_input_embeddings().scheme.name == "int8-g32-sym"
+    assert shares_table(model.get_output_embeddings(), model.get_input_embeddings())
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["embeddings"] == {
+        "format": "int8", "group_size": 32, "sym": True}
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(embeddings="int9"), r"embeddings: format spec 'int9' is not understood"),
+    (dict(embeddings="int8-x"), r"embeddings: .*'x' is not a word of format 'int8'"),
+    (dict(embeddings=8), r"embeddings=8 is not allowed"),
+    (dict(embeddings={"format": "int8", "group_size": -1, "sym": True, "activations": "int8-dynamic"}),
+     r"embeddings=.* is not allowed; an embedding lookup has no input to quantize"),
+    (dict(embeddings="int8", target_bits=4), r"embeddings='int8' with target_bits: allowed only embeddings=None"),
+    (dict(embeddings="int8", qat=True), r"qat=True is not allowed with embeddings='int8-gc-sym'"),
+])
+def test_bad_embeddings_are_refused_naming_the_field(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        hfquant.HfQuantConfig(**kwargs)
+
+
+def test_embeddings_round_trip_through_config_json() -> None:
+    config = hfquant.HfQuantConfig(embeddings={"format": "int8", "group_size": 128})
+    saved = json.loads(config.to_json_string())
+    assert saved["embeddings"] == {"format": "int8", "group_size": 128, "sym": True}
+    assert hfquant.HfQuantConfig.from_dict(saved).embeddings == config.embeddings
+    assert "embeddings" not in hfquant.HfQuantConfig().to_dict()  # configs without it are saved as before
