@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import hfquant
+from hfquant.formats import format_names, make_format
 from hfquant.nn.qembedding import QuantEmbedding, shares_table
 from hfquant.nn.qlinear import QuantLinear
 from hfquant.stats import storage_stats
@@ -227,3 +228,24 @@ def test_embeddings_round_trip_through_config_json() -> None:
     assert saved["embeddings"] == {"format": "int8", "group_size": 128, "sym": True}
     assert hfquant.HfQuantConfig.from_dict(saved).embeddings == config.embeddings
     assert "embeddings" not in hfquant.HfQuantConfig().to_dict()  # configs without it are saved as before
+
+
+@pytest.mark.parametrize("name", format_names())
+def test_every_format_serves_a_tied_table_and_reloads_exactly(name: str, tiny_checkpoints: dict,
+                                                               tmp_path: Path) -> None:
+    fmt = make_format(name, group_size=16) if make_format(name).grouped else make_format(name)
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["qwen2"], quantization_config=_config(
+        format="int8", embeddings=fmt.to_dict()))
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert embedding.fmt == fmt and shares_table(head, embedding)
+    hfquant.prepare_for_inference(model, kernels="off")
+    hidden = torch.randn(1, 3, embedding.embedding_dim, generator=torch.Generator().manual_seed(0))
+    table = embedding.dequantized_weight()
+    assert torch.equal(embedding(IDS), torch.nn.functional.embedding(IDS, table))
+    assert torch.equal(head(hidden), torch.nn.functional.linear(hidden, table))
+    logits = _logits(model)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    hfquant.prepare_for_inference(again, kernels="off")
+    assert shares_table(again.get_output_embeddings(), again.get_input_embeddings())
+    assert torch.equal(_logits(again), logits)
