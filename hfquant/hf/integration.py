@@ -95,13 +95,14 @@ def tied_heads(model: nn.Module) -> dict[str, str]:
     return {}
 
 
-def check_embedding_plan(model: nn.Module, plan: ResolvedPlan, embeddings_requested: bool) -> None:
+def check_embedding_plan(model: nn.Module, plan: ResolvedPlan, embeddings: LayerScheme | None) -> None:
     """``ValueError`` when the plan cannot be stored: a tied head and its embedding with different schemes,
     an embedding with an input mode, or ``embeddings`` asked for a model whose embedding hfquant cannot swap."""
     embedding = input_embedding_name(model)
-    if embeddings_requested and embedding is None:
+    if embeddings is not None and embedding is None:
         found = type(_model_embeddings(model, "get_input_embeddings")).__name__
-        raise ValueError(f"embeddings=... is not allowed for {type(model).__name__}, whose token embedding is a "
+        raise ValueError(f"embeddings={embeddings.name!r} is not allowed for {type(model).__name__}, whose token "
+                         f"embedding is a "
                          f"{found}; allowed: models whose token embedding is a plain torch.nn.Embedding "
                          "(or embeddings=None)")
     if embedding in plan.layers and plan.layers[embedding].input is not None:
@@ -166,7 +167,8 @@ def empty_quant_embedding(source: nn.Embedding, scheme: LayerScheme,
                           dtype=source.weight.dtype, device=device or source.weight.device)
 
 
-def empty_quantized(source: nn.Module, scheme: LayerScheme, device: torch.device | None = None) -> nn.Module:
+def empty_quantized(source: nn.Module, scheme: LayerScheme,
+                    device: torch.device | None = None) -> QuantLinear | QuantEmbedding:
     """The empty quantized module replacing ``source``: a :class:`QuantEmbedding` for an embedding, else a
     :class:`QuantLinear`."""
     build = empty_quant_embedding if isinstance(source, nn.Embedding) else empty_quant_linear
@@ -215,7 +217,7 @@ def tied_head_keys(model: nn.Module) -> list[str]:
 
 
 def quantize_layer_in_place(model: nn.Module, name: str, quantized_weight: QuantizedWeight,
-                            scheme: LayerScheme) -> QuantLinear:
+                            scheme: LayerScheme) -> QuantLinear | QuantEmbedding:
     """Replace float layer ``name`` with a quantized module of ``scheme`` holding ``quantized_weight``.
 
     The new layer lives where the quantized tensors are (an offloaded layer's execution device).

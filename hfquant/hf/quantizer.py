@@ -56,11 +56,10 @@ class HfQuantQuantizer(HfQuantizer):
         unknown = sorted(set(config.plan.layers) - set(layers))
         if unknown:
             raise ValueError(f"the quantization plan names {unknown[:5]}, which are not linear layers (or the token "
-                             f"embedding) of "
-                             f"{type(model).__name__}; the checkpoint was saved from another architecture")
+                             f"embedding) of {type(model).__name__}; the checkpoint was saved from another architecture")
         if not (config.qat or self.pre_quantized):
             integration.check_no_tied_layers(model, config.plan, allow_tied_heads=True)
-        integration.check_embedding_plan(model, config.plan, config.embeddings is not None)
+        integration.check_embedding_plan(model, config.plan, config.embeddings)
         if config.qat:  # float weights load by name into fake-quantized layers (a QAT checkpoint resumes)
             integration.check_no_tied_layers(model, config.plan)
             if integration.input_embedding_name(model) in config.plan.layers:
