@@ -18,6 +18,8 @@ from pathlib import Path
 FORMATS = {
     "int8": dict(bits=8, group_size=-1),
     "int4 g128": dict(bits=4, group_size=128),
+    "int4 g128 + int8 embeddings": dict(bits=4, group_size=128, embeddings="int8"),
+    "int4 g128 + int8-g128 embeddings": dict(bits=4, group_size=128, embeddings="int8-g128"),
     "int4 g32": dict(bits=4, group_size=32),
     "int3 g128": dict(bits=3, group_size=128),
     "int2 g64": dict(bits=2, group_size=64),

@@ -109,7 +109,8 @@ def _quant_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.target_bits is not None or args.candidates is not None:
         kwargs.update(target_bits=args.target_bits, candidates=args.candidates)
     kwargs.update({field: getattr(args, field) for field in ("activations", "observer", "observer_percentile",
-                                                             "smoothquant") if getattr(args, field) is not None})
+                                                             "smoothquant", "embeddings")
+                   if getattr(args, field) is not None})
     given = _calibration_kwargs(args)
     if given and not HfQuantConfig(**kwargs).calibrated:
         raise ValueError(f"{_flags(given)} given, but --method {args.method} uses no calibration data; drop "
@@ -259,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
                           help="SmoothQuant migration strength in [0, 1] (e.g. 0.5) before quantizing the weights; "
                                "needs calibration data, works with rtn, hqq and gptq")
+    quantize.add_argument("--embeddings", default=None, metavar="SPEC",
+                          help="format of the token embedding and output head, e.g. int8 (a tied head shares the "
+                               "embedding's table; default: both stay float)")
     _add_calibration_args(quantize)
     quantize.add_argument("--overwrite", action="store_true",
                           help="replace OUT even if it is a non-empty folder that is not an hfquant checkpoint "

@@ -10,7 +10,9 @@ Precedence, per layer:
    by default the output embeddings and tied weights, plus the model's keep-in-fp32 modules) stays
    in full precision;
 2. otherwise the *first* rule whose pattern matches decides: its scheme, or ``None`` = full precision;
-3. otherwise the default scheme.
+3. otherwise the default scheme; for the ``embedding_layers`` given to :meth:`QuantPlan.resolve`
+   (the token embedding; the output head too when ``HfQuantConfig(embeddings=...)`` is set) the
+   plan's ``embeddings`` scheme instead (``None`` = full precision).
 
 A rule whose pattern matches no linear layer at all is an error naming the rule, so a typo never
 silently leaves a rule unused.
@@ -105,19 +107,26 @@ class QuantPlan:
 
     default: LayerScheme
     rules: tuple[tuple[str, LayerScheme | None], ...] = field(default=())
+    embeddings: LayerScheme | None = None  # default of the token embedding and output head; None = full precision
 
-    def resolve(self, layer_names: Iterable[str], skip: Iterable[str] = ()) -> ResolvedPlan:
-        """The scheme of each of ``layer_names`` (in order) that is not skipped and not kept float by a rule."""
-        names, skip = list(layer_names), list(skip)
+    def resolve(self, layer_names: Iterable[str], skip: Iterable[str] = (),
+                embedding_layers: Iterable[str] = ()) -> ResolvedPlan:
+        """The scheme of each of ``layer_names`` (in order) that is not skipped and not kept float by a rule.
+
+        ``embedding_layers`` (among ``layer_names``: the token embedding, the output head) default to
+        :attr:`embeddings` instead of :attr:`default`.
+        """
+        names, skip, embedding_layers = list(layer_names), list(skip), set(embedding_layers)
         unused = unmatched([pattern for pattern, _ in self.rules], names)
         if unused:
-            raise ValueError(f"rules: pattern(s) {unused} match no linear layer of this model; allowed: dotted "
+            raise ValueError(f"rules: pattern(s) {unused} match no linear layer (or token embedding) of this model; allowed: dotted "
                              "module names or 're:<regex>' full matches (e.g. 'mlp.down_proj', 're:.*\\.0\\..*')")
         layers = {}
         for name in names:
             if is_skipped(name, skip):
                 continue
-            scheme = next((s for pattern, s in self.rules if name_matches(name, pattern)), self.default)
+            default = self.embeddings if name in embedding_layers else self.default
+            scheme = next((s for pattern, s in self.rules if name_matches(name, pattern)), default)
             if scheme is not None:
                 layers[name] = scheme
         return ResolvedPlan(layers)
@@ -127,10 +136,11 @@ class QuantPlan:
         return {pattern: None if s is None else s.weight.to_dict() for pattern, s in self.rules}
 
 
-def plan_from_rules(default: LayerScheme, rules: Mapping[str, Any] | None) -> QuantPlan:
+def plan_from_rules(default: LayerScheme, rules: Mapping[str, Any] | None,
+                    embeddings: LayerScheme | None = None) -> QuantPlan:
     """A plan from the config's ``rules``: ``{pattern: format name | dict of format fields | None}``."""
     parsed = []
     for pattern, value in (rules or {}).items():
         require_pattern("rules", pattern)
         parsed.append((pattern, None if value is None else scheme_from_value(value, f"rules[{pattern!r}]")))
-    return QuantPlan(default, tuple(parsed))
+    return QuantPlan(default, tuple(parsed), embeddings)

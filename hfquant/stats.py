@@ -7,6 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
+from hfquant.nn.qembedding import QuantEmbedding
 from hfquant.nn.qlinear import QuantLinear
 
 
@@ -35,9 +36,11 @@ class StorageStats:
 def storage_stats(model: nn.Module) -> StorageStats:
     """What ``save_pretrained`` stores: the state dict, each distinct tensor once (tied weights share).
 
-    Non-persistent buffers (e.g. kernel-layout copies of packed weights) are not counted.
+    Non-persistent buffers (e.g. kernel-layout copies of packed weights) are not counted. Quantized
+    token embeddings count as quantized layers; a tied head sharing its embedding's table counts once.
     """
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+    tables = {layer.weight.data_ptr(): layer for layer in layers.values()}  # a tied head shares its embedding's
     quantized_keys = {f"{name}.{key}" for name, layer in layers.items() for key in layer.stored()}
     quantized = other = 0
     seen: set[int] = set()
@@ -51,8 +54,8 @@ def storage_stats(model: nn.Module) -> StorageStats:
         else:
             other += size
     return StorageStats(
-        quantized_layers=len(layers),
-        quantized_weights=sum(layer.in_features * layer.out_features for layer in layers.values()),
+        quantized_layers=len(tables),
+        quantized_weights=sum(layer.in_features * layer.out_features for layer in tables.values()),
         quantized_bytes=quantized,
         other_bytes=other,
     )

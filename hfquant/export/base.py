@@ -21,6 +21,7 @@ from torch import nn
 from hfquant.formats import WeightFormat
 from hfquant.formats.affine import IntAffine
 from hfquant.hf.saving import EXPORT_REPORT, is_hfquant_checkpoint
+from hfquant.nn.qembedding import QuantEmbedding
 from hfquant.nn.qlinear import QuantLinear
 
 EXACT = "exact"
@@ -118,6 +119,14 @@ def refusal(target: str, layer: str, fmt: WeightFormat, reason: str) -> ValueErr
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, QuantLinear]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, QuantLinear)]
+
+
+def refuse_quantized_embeddings(target: str, model: nn.Module) -> None:
+    """No target maps a quantized token embedding yet: refuse before writing a checkpoint that would be wrong."""
+    for name, module in model.named_modules():
+        if isinstance(module, QuantEmbedding):
+            raise refusal(target, name, module.fmt, "quantized token embeddings are not exported yet; allowed: "
+                          "a model quantized with embeddings=None")
 
 
 def load_source(model_or_folder: Any) -> tuple[Any, Path | None]:

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from hfquant.export.base import ExportReport, IntegerGrid, LayerExport, integer_grid, quantized_layers, refusal, \
-    weight_error
+    refuse_quantized_embeddings, weight_error
 from hfquant.packing import pack, unpack
 
 TARGET = "compressed-tensors"
@@ -104,6 +104,7 @@ def check_layer(name: str, layer: Any) -> IntegerGrid:
 
 def export_compressed_tensors(model: Any, out: Path, report: ExportReport) -> None:
     """Write ``model`` (hfquant-quantized) into the folder ``out`` as a pack-quantized checkpoint."""
+    refuse_quantized_embeddings(TARGET, model)
     layers = quantized_layers(model)
     grids = {name: check_layer(name, layer) for name, layer in layers}  # every refusal before any writing
     dtype = _model_dtype(model)

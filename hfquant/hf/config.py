@@ -71,9 +71,15 @@ class HfQuantConfig(QuantizationConfigMixin):
             :mod:`hfquant.plan` for the precedence). A pattern matching no layer is an error.
         method: a registered method: ``"rtn"`` (round-to-nearest while loading, no data) or
             ``"gptq"`` (calibrated).
+        embeddings: the format of the token embedding and of the output head (``lm_head``): a spec
+            string (``"int8"``, ``"int8-g128"``) or a dict of format fields, weight-only; ``None``
+            (default) keeps both in full precision. A tied head stores no tensor of its own: it
+            computes with the embedding's quantized table (:mod:`hfquant.nn.qembedding`). Rules and
+            ``modules_to_not_convert`` still decide per layer, as for any layer.
         modules_to_not_convert: modules kept in full precision, as dotted-name patterns
             (``"re:<regex>"`` for a full-match regex). ``None`` keeps the output embeddings
-            (``lm_head``) and tied weights in full precision; an explicit list replaces that default.
+            (``lm_head``) and tied weights in full precision (unless ``embeddings`` is given); an
+            explicit list replaces that default.
         dataset: calibration text (calibrated methods only; see
             :func:`hfquant.calibration.data.load_text`), or int64 token ids ``(num_samples, seqlen)``;
             ``None`` = the bundled corpus. Never saved.
@@ -109,6 +115,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         observer: str | None = None,
         observer_percentile: float | None = None,
         rules: dict[str, Any] | None = None,
+        embeddings: str | dict[str, Any] | None = None,
         method: str = "rtn",
         modules_to_not_convert: list[str] | None = None,
         dataset: Any = None,
@@ -143,7 +150,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.default_scheme = _with_activations(_default_scheme(format, bits, group_size, sym, format_fields),
                                                 activations)
         rules = _normalise_rules(rules)
-        self.quant_plan: QuantPlan = plan_from_rules(self.default_scheme, rules)
+        self.embeddings = _embedding_scheme(embeddings)
+        self.quant_plan: QuantPlan = plan_from_rules(self.default_scheme, rules, self.embeddings)
         self.rules = _checked_rules(rules, self.quant_plan)
         self.target_bits = None if target_bits is None else require_float("target_bits", target_bits, 0, 32,
                                                                             low_open=True)
@@ -154,8 +162,11 @@ class HfQuantConfig(QuantizationConfigMixin):
         if self.target_bits is not None and any(s is not None for _, s in self.quant_plan.rules):
             raise ValueError(f"rules={rules!r} with target_bits: allowed only rules that keep layers in full "
                              "precision (None); the formats of the others are chosen by the allocation")
+        if self.embeddings is not None and self.target_bits is not None:
+            raise ValueError(f"embeddings={embeddings!r} with target_bits: allowed only embeddings=None (the "
+                             "allocation does not choose the embedding's format yet)")
         for scheme in (self.quant_plan.default, *(s for _, s in self.quant_plan.rules if s is not None),
-                       *(self.candidates or ())):
+                       *(self.candidates or ()), *([self.embeddings] if self.embeddings else [])):
             registered.check_format(scheme.weight)
         self.observer, self.observer_percentile = _check_observer(observer, observer_percentile,
                                                                   _calibrates_inputs(self.quant_plan))
@@ -218,6 +229,8 @@ class HfQuantConfig(QuantizationConfigMixin):
                                "method": self.method,
                                # pairs, not a mapping: config.json is written with sorted keys, and order is precedence
                                "rules": None if self.rules is None else [list(rule) for rule in self.rules.items()]}
+        if self.embeddings is not None:
+            out["embeddings"] = self.embeddings.weight.to_dict()
         method_options = dataclasses.asdict(self.options)
         if method_options:
             out[self.method] = method_options
@@ -288,6 +301,21 @@ def _candidate_schemes(candidates: Any, budgeted: bool) -> tuple[LayerScheme, ..
     return tuple(schemes)
 
 
+def _embedding_scheme(embeddings: Any) -> LayerScheme | None:
+    """The weight-only scheme of the token embedding and output head, or ``None`` (full precision)."""
+    if embeddings is None:
+        return None
+    if isinstance(embeddings, str):
+        try:
+            return LayerScheme(parse_spec(embeddings))
+        except ValueError as error:
+            raise ValueError(f"embeddings: {error}") from None
+    if isinstance(embeddings, dict) and ACTIVATIONS_FIELD in embeddings:
+        raise ValueError(f"embeddings={embeddings!r} is not allowed; an embedding lookup has no input to quantize: "
+                         f"allowed: a weight-only format (no {ACTIVATIONS_FIELD!r} key)")
+    return scheme_from_value(embeddings, "embeddings")
+
+
 def _with_activations(scheme: LayerScheme, activations: Any) -> LayerScheme:
     """The default scheme with its input mode; errors name ``activations``."""
     mode = get_activation_mode(activations, "activations")
@@ -352,6 +380,9 @@ def _check_qat(qat: Any, learn_scales: Any, config: HfQuantConfig) -> tuple[bool
             raise ValueError(f"{field}={value!r} is not allowed; expected True or False")
     if learn_scales and not qat:
         raise ValueError("qat_learn_scales=True is not allowed with qat=False; allowed: set qat=True too")
+    if qat and config.embeddings is not None:
+        raise ValueError(f"qat=True is not allowed with embeddings={config.embeddings.name!r}; allowed: "
+                         "embeddings=None (fake-quantized embeddings are not implemented yet)")
     schemes = (config.quant_plan.default, *(s for _, s in config.quant_plan.rules if s is not None))
     if qat and any(scheme.input is not None for scheme in schemes):
         raise ValueError("qat=True is not allowed with activation quantization (activations=...); allowed: "

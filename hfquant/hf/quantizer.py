@@ -19,6 +19,7 @@ from hfquant.hf import integration, verify
 from hfquant.hf.calibrate import block_transforms, calibrate_and_quantize
 from hfquant.hf.config import HfQuantConfig
 from hfquant.hf.saving import save_pretrained_with_card
+from hfquant.nn.qembedding import QuantEmbedding
 from hfquant.nn.qlinear import QuantLinear, prepare_for_inference
 from hfquant.plan import unmatched
 
@@ -40,28 +41,38 @@ class HfQuantQuantizer(HfQuantizer):
         verify.require_safetensors(checkpoint_files or [])
         config = self.quantization_config
         requested = config.modules_to_not_convert
-        skip = sorted(self.get_modules_to_not_convert(model, requested, keep_in_fp32_modules))
+        skip = self.get_modules_to_not_convert(model, requested, keep_in_fp32_modules)
+        embeddings = integration.embedding_layers(model, with_head=config.embeddings is not None)
+        if requested is None and config.embeddings is not None:  # the embeddings scheme decides them, not the default skips
+            skip = [name for name in skip if name not in embeddings or name in (keep_in_fp32_modules or [])]
+        skip = sorted(skip)
         config.modules_to_not_convert = skip
-        layers = dict(integration.linear_layers(model))
+        layers = integration.quantizable_layers(model)
         saved_plan = config.plan if self.pre_quantized else None
         if saved_plan is None:
             if not self.pre_quantized:
                 _warn_unmatched(requested, [name for name, _ in model.named_modules()])
-            config.plan = config.quant_plan.resolve(layers, skip)
+            config.plan = config.quant_plan.resolve(layers, skip, embeddings)
         unknown = sorted(set(config.plan.layers) - set(layers))
         if unknown:
-            raise ValueError(f"the quantization plan names {unknown[:5]}, which are not linear layers of "
-                             f"{type(model).__name__}; the checkpoint was saved from another architecture")
+            raise ValueError(f"the quantization plan names {unknown[:5]}, which are not linear layers (or the token "
+                             f"embedding) of {type(model).__name__}; the checkpoint was saved from another architecture")
+        if not (config.qat or self.pre_quantized):
+            integration.check_no_tied_layers(model, config.plan, allow_tied_heads=True)
+        integration.check_embedding_plan(model, config.plan, config.embeddings)
         if config.qat:  # float weights load by name into fake-quantized layers (a QAT checkpoint resumes)
             integration.check_no_tied_layers(model, config.plan)
+            if integration.input_embedding_name(model) in config.plan.layers:
+                raise ValueError("qat=True is not allowed with rules that quantize the token embedding "
+                                 f"{integration.input_embedding_name(model)}; allowed: keep it in full precision")
             _qat_model().replace_with_fake(model, config.plan, config.qat_learn_scales)
             return
         if self.pre_quantized:
             if checkpoint_files:
                 shapes = {name: integration.linear_shape(m) for name, m in layers.items()}
-                verify.verify_checkpoint(checkpoint_files, shapes, config.plan, require_metadata=saved_plan is not None)
+                verify.verify_checkpoint(checkpoint_files, shapes, config.plan, require_metadata=saved_plan is not None,
+                                         tied=integration.tied_heads(model))
         else:
-            integration.check_no_tied_layers(model, config.plan)
             block_transforms(model, config)  # an architecture without layer mappings fails before the weights load
         if self.pre_quantized or not config.calibrated:
             integration.replace_linear_layers(model, config.plan)
@@ -70,7 +81,7 @@ class HfQuantQuantizer(HfQuantizer):
         if self.pre_quantized or self.quantization_config.qat:
             return False
         module, tensor_name = get_module_from_name(model, param_name)
-        return isinstance(module, QuantLinear) and tensor_name == "weight"
+        return isinstance(module, (QuantLinear, QuantEmbedding)) and tensor_name == "weight"
 
     def get_quantize_ops(self) -> integration.QuantizeWeight:
         config = self.quantization_config
@@ -85,20 +96,30 @@ class HfQuantQuantizer(HfQuantizer):
         else:
             if config.calibrated:
                 calibrate_and_quantize(model, config)
-            else:
-                self._conversions.check(list(config.plan.layers))
+                integration.tie_quantized_heads(model)
+            else:  # a tied head's weight is its embedding's, quantized under the embedding's name
+                tied = integration.tied_heads(model)
+                self._conversions.check([name for name in config.plan.layers if name not in tied])
             config.base_model = model.name_or_path
+        integration.check_heads_tied(model)
         for module in model.modules():
-            if isinstance(module, QuantLinear):
+            if isinstance(module, (QuantLinear, QuantEmbedding)):
                 module.requires_grad_(False)
         model.save_pretrained = partial(save_pretrained_with_card, model, model.save_pretrained)
         # repack for the kernels of hfquant.nn.kernels; state_dict unchanged
         prepare_for_inference(model, kernels=config.kernels)
         return model
 
-    def get_state_dict_and_metadata(self, model: Any) -> tuple[None, dict[str, str]]:
-        """Save the ordinary state dict, with the resolved plan in each safetensors header (see :mod:`verify`)."""
-        return None, verify.plan_metadata(self.quantization_config.plan)
+    def get_state_dict_and_metadata(self, model: Any) -> tuple[dict[str, Any] | None, dict[str, str]]:
+        """Save the ordinary state dict, with the resolved plan in each safetensors header (see :mod:`verify`).
+
+        A quantized tied head's tensors are its embedding's: they are saved once, under the embedding's name.
+        """
+        metadata = verify.plan_metadata(self.quantization_config.plan)
+        head_keys = integration.tied_head_keys(model)
+        if not head_keys:
+            return None, metadata
+        return {k: v for k, v in model.state_dict().items() if k not in set(head_keys)}, metadata
 
     def _dequantize(self, model: Any, dtype: torch.dtype | None = None) -> Any:
         return integration.dequantize_model(model, dtype or torch.float32)

@@ -6,7 +6,9 @@ Before any tensor is loaded, :func:`verify_checkpoint` reads only the headers an
 * the plan of ``config.json`` is the one the weights were saved with (a hand-edited config with a
   changed group size or symmetry fails here, even when every shape still fits);
 * every tensor each quantized layer's format declares is present with its exact dtype and shape;
-* no layer the plan keeps in full precision has quantized tensors.
+* no layer the plan keeps in full precision has quantized tensors;
+* a quantized tied output head (``lm_head`` tied to the token embedding) is checked under its
+  embedding's name: the one stored table serves both.
 
 Version-1 checkpoints predate the metadata: for them only the tensor checks run. After loading,
 :func:`check_loaded_values` rejects out-of-range stored values (zero points above the largest code,
@@ -22,6 +24,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from hfquant.nn.qembedding import QuantEmbedding
 from hfquant.nn.qlinear import QuantLinear
 from hfquant.plan import ResolvedPlan
 
@@ -52,11 +55,14 @@ def require_safetensors(files: Iterable[str]) -> None:
 
 
 def verify_checkpoint(files: Iterable[str], shapes: dict[str, tuple[int, int]], plan: ResolvedPlan,
-                      require_metadata: bool) -> None:
+                      require_metadata: bool, tied: dict[str, str] | None = None) -> None:
     """``ValueError`` naming the layer and tensor when the checkpoint does not match ``plan``.
 
-    ``shapes`` maps every linear layer of the model to its ``(in_features, out_features)``.
+    ``shapes`` maps every layer the plan may name (linear layers, the token embedding) to its
+    ``(in_features, out_features)``. ``tied`` maps tied output heads to their embeddings: a tied
+    head's tensors are its embedding's, stored once under the embedding's name.
     """
+    tied = tied or {}
     headers: dict[str, tuple[str, tuple[int, ...]]] = {}
     expected_plan = _canonical(plan.to_dict())
     for file in files:
@@ -76,6 +82,8 @@ def verify_checkpoint(files: Iterable[str], shapes: dict[str, tuple[int, int]], 
                 headers[key] = (tensor.get_dtype(), tuple(tensor.get_shape()))
     problems = []
     for name, scheme in plan.layers.items():
+        if name in tied and plan.layers.get(tied[name]) == scheme:
+            name = tied[name]  # checked under the embedding's name (the quantizer refuses differing schemes)
         in_features, out_features = shapes[name]
         for param, spec in {**scheme.weight.specs(out_features, in_features), **scheme.input_specs()}.items():
             key = f"{name}.{param}"
@@ -97,7 +105,7 @@ def verify_checkpoint(files: Iterable[str], shapes: dict[str, tuple[int, int]], 
 def check_loaded_values(model: nn.Module) -> None:
     """``ValueError`` naming the first quantized layer whose loaded values are out of range."""
     for name, layer in model.named_modules():
-        if isinstance(layer, QuantLinear):
+        if isinstance(layer, (QuantLinear, QuantEmbedding)):
             problem = layer.fmt.check_stored(layer.stored(), layer.in_features)
             if problem is None and layer.scheme.input is not None:
                 problem = layer.scheme.input.check_stored(layer.input_params())

@@ -61,7 +61,7 @@ FORMAT_DICT = st.fixed_dictionaries({"format": mixed(NAMES)}, optional={
     "activations": ACTIVATIONS})
 FORMAT = mixed(st.one_of(NAMES, FORMAT_DICT))
 
-LLAMA_PATTERNS = ["mlp.down_proj", "self_attn.q_proj", "lm_head", "model.layers.0", "re:.*\\.1\\..*",
+LLAMA_PATTERNS = ["mlp.down_proj", "embed_tokens", "self_attn.q_proj", "lm_head", "model.layers.0", "re:.*\\.1\\..*",
                   "re:model\\.layers\\.\\d+\\.mlp\\.(up|gate)_proj"]
 BAD_PATTERNS = ["re:(", "re:[", "re:*", "", "re:", "no_such_layer", "proj"]
 PATTERN = st.one_of(st.sampled_from(LLAMA_PATTERNS), st.sampled_from(LLAMA_PATTERNS),
@@ -72,6 +72,8 @@ RULES = mixed(st.one_of(st.none(), st.dictionaries(HASHABLE_PATTERN, RULE_VALUE,
                         st.lists(st.tuples(PATTERN, RULE_VALUE).map(list), max_size=3),
                         st.lists(st.lists(PATTERN, max_size=3), max_size=2)))
 MODULES = mixed(st.one_of(st.none(), st.lists(PATTERN, max_size=3), st.tuples(PATTERN)))
+EMBEDDINGS = mixed(st.one_of(st.none(), NAMES, FORMAT_DICT, st.sampled_from(["int8-g128", "int8-gc", "int4-g64-sym",
+                                                                              "int8-g0", "int8-x"])))
 
 SCHEME = {"int4-g32-asym": {"weight": {"format": "int4", "group_size": 32, "sym": False}}}
 PLAN = {"schemes": SCHEME, "layers": {"model.layers.0.mlp.up_proj": "int4-g32-asym"}}
@@ -110,6 +112,7 @@ FIELDS: dict[str, st.SearchStrategy] = {
     "group_size": GROUP_SIZE,
     "sym": SYM,
     "rules": RULES,
+    "embeddings": EMBEDDINGS,
     "method": mixed(st.sampled_from(["rtn", "gptq", "hqq", "awq", "RTN"])),
     "modules_to_not_convert": MODULES,
     "dataset": mixed(st.one_of(st.none(), st.just(["some text"]))),
@@ -237,6 +240,7 @@ QUANTIZE_FIELDS = {
     "modules_to_not_convert": st.one_of(st.none(), st.lists(st.sampled_from(LLAMA_PATTERNS + ["no_such_layer"]),
                                                             max_size=2)),
     "kernels": st.sampled_from(["auto", "exact", "off"]),
+    "embeddings": st.one_of(st.none(), st.sampled_from(["int8", "int8-g128", "int4-g32"]), VALID_FORMAT),
     "activations": st.sampled_from([None, "int8-dynamic", "int8-dynamic", "int8-static"]),
     "iterations": st.sampled_from([0, 3]),  # hqq's (an error naming it for rtn)
     "seed": st.one_of(st.integers(0, 2**31 - 1), st.integers(0, 2**31 - 1), JUNK),
