@@ -155,6 +155,7 @@ class Layout:
     padded_in: int  # input columns after zero-padding to whole kernel groups
     group: int = 0  # the kernel's group size (int4 kernels)
     correct_zero: bool = False  # int8 with stored zero points: subtract the zero-point correction
+    fmt: WeightFormat | None = None  # the format to decode (kernels that read the stored tensors)
 
 
 @dataclass(frozen=True)
@@ -165,12 +166,13 @@ class Kernel:
     ``affine(params) -> (scale, zero)``) with codes of the widths in ``bits``.
     ``layout(fmt, in_features, out_features)`` says whether the kernel can take a layer
     (``None``: it cannot) and how; ``pack`` builds its tensors from the stored ones; ``matmul``
-    computes ``x2d @ W.T`` for a 2-D contiguous ``x2d``.
+    computes ``x2d @ W.T`` for a 2-D contiguous ``x2d``. A kernel that ``reads_stored`` repacks
+    nothing (``pack`` returns ``{}``): its ``matmul`` gets the layer's stored tensors.
     """
 
     name: str
     device_type: str
-    bits: tuple[int, ...]  # code widths taken as they are
+    bits: tuple[int, ...] | None  # code widths taken as they are (None: any)
     probe: WeightFormat  # a format it takes, for the one-off check that it runs here (kernel_works)
     layout: Callable[[WeightFormat, int, int], Layout | None]
     pack: Callable[[Tensors, WeightFormat, Layout, torch.dtype], Tensors]
@@ -180,14 +182,16 @@ class Kernel:
     codes: str = "affine"  # what decoding it takes: "affine" (w = (q - zero) * scale) or "fp8-e4m3"
     quantizes_input: bool = False  # rounds the activations to a narrower type itself (never "exact")
     activations: str | None = None  # the scheme input mode it implements (None: weight-only layers only)
+    reads_stored: bool = False  # matmul takes the stored tensors; nothing is repacked
 
     def takes(self, fmt: WeightFormat, widen: bool) -> bool:
         if not _CODE_KINDS[self.codes](fmt):
             return False
-        return fmt.code_bits in self.bits or (widen and fmt.code_bits in self.widen_bits)
+        return self.bits is None or fmt.code_bits in self.bits or (widen and fmt.code_bits in self.widen_bits)
 
 
 _CODE_KINDS: dict[str, Callable[[WeightFormat], bool]] = {
+    "any": lambda fmt: True,
     "affine": lambda fmt: hasattr(fmt, "affine"),
     "fp8-e4m3": lambda fmt: getattr(fmt, "torch_dtype", None) == torch.float8_e4m3fn,
 }
@@ -340,6 +344,19 @@ def _matmul_int_mm(x2d: torch.Tensor, tensors: Tensors, lay: Layout) -> torch.Te
     return dequantize_int_accumulator(acc, x_scale, tensors["scale"]).to(x2d.dtype)
 
 
+def _decode_layout(fmt: WeightFormat, in_features: int, out_features: int) -> Layout:
+    return Layout(in_features=in_features, padded_in=in_features, fmt=fmt)
+
+
+def _matmul_decoded(x2d: torch.Tensor, stored: Tensors, lay: Layout) -> torch.Tensor:
+    """The reference path run in ``x2d``'s dtype (the route's compute dtype): decode, dense matmul."""
+    return reference_linear(x2d, stored, lay.fmt, lay.in_features, None)
+
+
+def _pack_nothing(stored: Tensors, fmt: WeightFormat, lay: Layout, dtype: torch.dtype) -> Tensors:
+    return {}
+
+
 _INT4_PROBE = IntAffine(bits=4, group_size=32, sym=False)
 _INT8_PROBE = IntAffine(bits=8, group_size=-1, sym=False)
 INT4_CPU = Kernel("int4pack-cpu", "cpu", bits=(4,), probe=_INT4_PROBE, widen_bits=(1, 2, 3), layout=_int4_layout(16),
@@ -357,7 +374,9 @@ FP8_CUDA = Kernel("fp8-scaled-mm-cuda", "cuda", bits=(8,), probe=FP8(group_size=
 INT_MM_CPU = Kernel("int8-int-mm-cpu", "cpu", bits=(8,), probe=IntAffine(bits=8, group_size=-1, sym=True),
                     activations=INT8_DYNAMIC.name, layout=_int_mm_layout, pack=_pack_int_mm, matmul=_matmul_int_mm,
                     ops=("_int_mm",))
-KERNELS = {k.name: k for k in (INT4_CPU, INT4_CUDA, INT8_CPU, INT8_CUDA, FP8_CUDA, INT_MM_CPU)}
+DEQUANT_MM_CPU = Kernel("dequant-mm-cpu", "cpu", bits=None, probe=_INT4_PROBE, codes="any", reads_stored=True,
+                        layout=_decode_layout, pack=_pack_nothing, matmul=_matmul_decoded)
+KERNELS = {k.name: k for k in (INT4_CPU, INT4_CUDA, INT8_CPU, INT8_CUDA, FP8_CUDA, INT_MM_CPU, DEQUANT_MM_CPU)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,28 +476,46 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"kernels={mode!r} is not allowed; expected one of {KERNEL_MODES}")
 
 
-def plan_for(fmt: WeightFormat, in_features: int, out_features: int, device: torch.device | str,
-             dtype: torch.dtype, widen: bool = False, mode: str = "auto",
-             routes: tuple[Route, ...] = ROUTES, activations: str | None = None) -> Plan | None:
-    """The first route of the table whose kernel takes this layer and works here; None = reference.
+def plans_for(fmt: WeightFormat, in_features: int, out_features: int, device: torch.device | str,
+              dtype: torch.dtype, widen: bool = False, mode: str = "auto",
+              routes: tuple[Route, ...] = ROUTES, activations: str | None = None) -> tuple[Plan, ...]:
+    """The routes of the table, in order, that this layer runs: ``()`` = reference path only.
 
+    A layer runs, for an input of ``m`` tokens, the first of its plans whose route takes ``m``
+    tokens; inputs beyond the last one's limit take the reference path. A route is kept when its
+    kernel takes the layer and works here, and it takes more tokens than the routes kept before
+    it (otherwise it would never run). A layer holds at most one repacked copy of its weight, so
+    after a repacking kernel only kernels that read the stored tensors are kept.
     ``activations`` is the layer's input mode: only kernels implementing that mode are taken
     (a weight-only kernel never runs a W8A8 layer, nor the other way round).
     """
     check_mode(mode)
     if mode == "off":
-        return None
+        return ()
     device_type = torch.device(device).type
+    plans: list[Plan] = []
+    covered = 0  # tokens taken by the plans so far (math.inf: any number)
     for route in routes:
         if route.device_type != device_type or route.dtype != dtype or (mode == "exact" and not route.exact):
             continue
         kernel = KERNELS[route.kernel]
-        if kernel.activations != activations:
+        limit = math.inf if route.max_tokens is None else route.max_tokens
+        repacked = any(not p.kernel.reads_stored for p in plans)
+        if kernel.activations != activations or limit <= covered or (repacked and not kernel.reads_stored):
             continue
         lay = kernel.layout(fmt, in_features, out_features) if kernel.takes(fmt, widen) else None
         if lay is not None and kernel_works(kernel.name, str(torch.device(device)), route.computes_in):
-            return Plan(kernel, route, lay)
-    return None
+            plans.append(Plan(kernel, route, lay))
+            covered = limit
+    return tuple(plans)
+
+
+def plan_for(fmt: WeightFormat, in_features: int, out_features: int, device: torch.device | str,
+             dtype: torch.dtype, widen: bool = False, mode: str = "auto",
+             routes: tuple[Route, ...] = ROUTES, activations: str | None = None) -> Plan | None:
+    """The first of :func:`plans_for` (the plan of the shortest inputs); None = reference path."""
+    plans = plans_for(fmt, in_features, out_features, device, dtype, widen, mode, routes, activations)
+    return plans[0] if plans else None
 
 
 @cache
@@ -498,7 +535,8 @@ def kernel_works(name: str, device: str, dtype: torch.dtype) -> bool:
     x = torch.randn(3, in_features, generator=gen).to(device=device, dtype=dtype)
     try:
         lay = kernel.layout(fmt, in_features, out_features)
-        got = kernel.matmul(x, kernel.pack(stored, fmt, lay, dtype), lay).float()
+        tensors = stored if kernel.reads_stored else kernel.pack(stored, fmt, lay, dtype)
+        got = kernel.matmul(x, tensors, lay).float()
     except (RuntimeError, NotImplementedError, TypeError):
         return False
     want = x.float() @ fmt.decode(stored, in_features, torch.float32).T

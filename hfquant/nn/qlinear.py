@@ -47,8 +47,13 @@ class QuantLinear(nn.Module):
                                                        requires_grad=False))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
-        self.kernel_plan: kernels.Plan | None = None
+        self.kernel_plans: tuple[kernels.Plan, ...] = ()  # by token range, see kernels.plans_for
         self._kernel_request: tuple[torch.dtype, bool, str] | None = None  # (activation dtype, widen, mode)
+
+    @property
+    def kernel_plan(self) -> kernels.Plan | None:
+        """The plan of the shortest inputs (decode), or None when the layer runs the reference path only."""
+        return self.kernel_plans[0] if self.kernel_plans else None
 
     @property
     def fmt(self) -> WeightFormat:
@@ -68,10 +73,10 @@ class QuantLinear(nn.Module):
         return self.fmt.decode(self.stored(), self.in_features, dtype)
 
     def prepare_kernel(self, dtype: torch.dtype, widen: bool = False, mode: str = "auto") -> str:
-        """Repack for the kernel the dispatch table picks for this format, device and ``dtype``.
+        """Repack for the kernels the dispatch table picks for this format, device and ``dtype``.
 
-        Returns the kernel's name, or ``"reference"`` when none applies (meta/offloaded weights
-        included). ``widen`` lets 2/3-bit codes use a 4-bit kernel (more memory than the codes);
+        Returns the kernels' names by token range joined by ``+`` (e.g. ``int4pack-cpu+dequant-mm-cpu``),
+        or ``"reference"`` when none applies (meta/offloaded weights included). ``widen`` lets 2/3-bit codes use a 4-bit kernel (more memory than the codes);
         ``mode`` is one of :data:`kernels.KERNEL_MODES`.
         """
         self.release_kernel()
@@ -79,31 +84,37 @@ class QuantLinear(nn.Module):
         if self.weight.device.type == "meta":
             return "reference"
         activations = None if self.scheme.input is None else self.scheme.input.name
-        plan = kernels.plan_for(self.fmt, self.in_features, self.out_features, self.weight.device, dtype, widen,
-                                mode, activations=activations)
-        if plan is None:
+        plans = kernels.plans_for(self.fmt, self.in_features, self.out_features, self.weight.device, dtype, widen,
+                                  mode, activations=activations)
+        if not plans:
             return "reference"
-        with torch.no_grad():
-            tensors = plan.kernel.pack(self.stored(), self.fmt, plan.layout, plan.route.computes_in)
-        for name, tensor in tensors.items():
-            self.register_buffer(_KERNEL_PREFIX + name, tensor, persistent=False)
-        self.kernel_plan = plan
-        return plan.kernel.name
+        for plan in plans:
+            with torch.no_grad():
+                tensors = plan.kernel.pack(self.stored(), self.fmt, plan.layout, plan.route.computes_in)
+            for name, tensor in tensors.items():  # one plan at most repacks (plans_for)
+                self.register_buffer(_KERNEL_PREFIX + name, tensor, persistent=False)
+        self.kernel_plans = plans
+        return self.kernel_names()
+
+    def kernel_names(self) -> str:
+        """The kernels this layer runs by token range, joined by ``+``; ``"reference"`` for none."""
+        return "+".join(p.kernel.name for p in self.kernel_plans) or "reference"
 
     def release_kernel(self) -> None:
         """Drop the repacked tensors; the layer goes back to the reference path."""
         for name in [n for n in self._buffers if n.startswith(_KERNEL_PREFIX)]:
             del self._buffers[name]
-        self.kernel_plan = None
+        self.kernel_plans = ()
         self._kernel_request = None
 
     def kernel_tensors(self) -> dict[str, torch.Tensor]:
         return {name[len(_KERNEL_PREFIX):]: t for name, t in self._buffers.items() if name.startswith(_KERNEL_PREFIX)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plan = self.kernel_plan
-        if plan is not None and plan.handles(x):
-            return plan.linear(x, self.kernel_tensors(), self.bias)
+        for plan in self.kernel_plans:
+            if plan.handles(x):
+                tensors = self.stored() if plan.kernel.reads_stored else self.kernel_tensors()
+                return plan.linear(x, tensors, self.bias)
         if self.scheme.input is not None:
             return kernels.activation_quantized_linear(x, self.stored(), self.fmt, self.scheme.input,
                                                        self.in_features, self.bias)
@@ -131,7 +142,7 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"scheme={self.scheme.name}, bias={self.bias is not None}, "
-                f"kernel={self.kernel_plan.kernel.name if self.kernel_plan else 'reference'}")
+                f"kernel={self.kernel_names()}")
 
 
 _KERNEL_PREFIX = "kernel_"

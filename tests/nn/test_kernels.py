@@ -361,3 +361,67 @@ def test_fp8_kernel_on_cuda(out_features: int, in_features: int) -> None:
     stored = {k: v.cpu() for k, v in layer.stored().items()}
     expected = _fp8_expected(x.cpu(), stored, fmt)
     assert float((layer(x).cpu().double() - expected).abs().max() / expected.abs().max()) < TOLERANCE[torch.bfloat16]
+
+
+# ------------------------------------------------------------------------------------------------
+# dequant-mm-cpu: the long-input route (decode in bfloat16, dense bfloat16 matmul)
+# ------------------------------------------------------------------------------------------------
+
+# Every registered format, at odd shapes: ragged last groups, in_features no multiple of anything.
+DEQUANT_CASES = [(hfquant.formats.make_format(name, **({} if name in ("fp16", "bf16") else {"group_size": g})), k)
+                 for name in hfquant.formats.format_names() for g, k in ((32, 200), (-1, 77))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("fmt, in_features", DEQUANT_CASES, ids=lambda v: getattr(v, "name", str(v)))
+def test_dequant_route_matches_reference(fmt: hfquant.formats.WeightFormat, in_features: int,
+                                         dtype: torch.dtype) -> None:
+    """Within bfloat16's tolerance of exact maths, for every format; rows decoded in blocks like the reference."""
+    kernel = kernels.KERNELS["dequant-mm-cpu"]
+    out_features = 40
+    gen = torch.Generator().manual_seed(0)
+    stored = fmt.quantize(torch.randn(out_features, in_features, generator=gen) * 0.05).stored()
+    lay = kernel.layout(fmt, in_features, out_features)
+    plan = kernels.Plan(kernel, kernels.Route(kernel.name, "cpu", dtype, compute_dtype=torch.bfloat16), lay)
+    weight = fmt.decode(stored, in_features, torch.float64)
+    for lead in X_SHAPES + [(3, 70)]:
+        x = torch.randn(*lead, in_features, generator=gen).to(dtype)
+        got = plan.linear(x, stored, None)
+        assert got.shape == (*lead, out_features) and got.dtype == dtype
+        err = _relative_error(got.reshape(-1, out_features), x.reshape(-1, in_features), weight)
+        assert err < TOLERANCE[torch.bfloat16], f"{fmt.name} x{lead}: error {err:.2e}"
+
+
+def test_long_inputs_take_the_dequant_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 'auto': the int4 kernel up to its limit, then dequant-mm in bfloat16 (never the float32 reference)."""
+    fmt = _fmt(4, 32)
+    layer = QuantLinear(64, 32, LayerScheme(fmt), bias=True)
+    layer.load_quantized(fmt.quantize(torch.randn(32, 64)))
+    layer.bias.data.normal_()
+    assert layer.prepare_kernel(torch.float32) == "int4pack-cpu+dequant-mm-cpu"
+    short, long = layer.kernel_plans
+    assert long.route.max_tokens is None and long.route.computes_in == torch.bfloat16
+    calls = []
+    real = kernels.reference_linear
+    monkeypatch.setattr(kernels, "reference_linear", lambda *a: calls.append(a[0].dtype) or real(*a))
+    x = torch.randn(2, short.route.max_tokens, 64)
+    got = layer(x)
+    assert calls == [torch.bfloat16]  # dequant-mm-cpu is the reference path computed in bfloat16
+    weight = torch.cat([layer.dequantized_weight(torch.float64), layer.bias.double()[:, None]], dim=1)
+    ones = torch.ones(x.shape[0] * x.shape[1], 1)
+    assert _relative_error(got.reshape(-1, 32), torch.cat([x.reshape(-1, 64), ones], 1), weight) < 2e-2
+    assert not layer.kernel_tensors().keys() - {"weight", "scales_and_zeros"}  # dequant-mm repacks nothing
+
+
+def test_plans_for_skips_routes_that_never_run() -> None:
+    fmt = _fmt(8, -1, sym=True)
+    int8, dequant = "int8pack-cpu", "dequant-mm-cpu"
+    routes = (kernels.Route(int8, "cpu", torch.float32, max_tokens=8, compute_dtype=torch.bfloat16),
+              kernels.Route(int8, "cpu", torch.float32, max_tokens=1),  # shadowed: fewer tokens than the first
+              kernels.Route("int4pack-cpu", "cpu", torch.float32, max_tokens=64),  # a second repacked copy
+              kernels.Route(dequant, "cpu", torch.float32, compute_dtype=torch.bfloat16),
+              kernels.Route(dequant, "cpu", torch.float32, max_tokens=4096))  # after "any number"
+    plans = kernels.plans_for(fmt, 256, 64, "cpu", torch.float32, routes=routes)
+    assert [(p.kernel.name, p.route.max_tokens) for p in plans] == [(int8, 8), (dequant, None)]
+    exact = kernels.plans_for(fmt, 256, 64, "cpu", torch.float32, mode="exact", routes=routes)
+    assert [(p.kernel.name, p.route.max_tokens) for p in exact] == [(int8, 1), (dequant, 4096)]
