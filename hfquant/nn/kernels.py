@@ -386,7 +386,7 @@ KERNELS = {k.name: k for k in (INT4_CPU, INT4_CUDA, INT8_CPU, INT8_CUDA, FP8_CUD
 
 @dataclass(frozen=True)
 class Route:
-    """Use ``kernel`` for activations of ``dtype`` on ``device_type`` for up to ``max_tokens`` rows.
+    """Use ``kernel`` for activations of ``dtype`` on ``device_type`` for ``min_tokens`` to ``max_tokens`` rows.
 
     The kernel computes in ``compute_dtype`` (``None``: in ``dtype``): inputs are cast to it and
     outputs back.
@@ -397,6 +397,7 @@ class Route:
     dtype: torch.dtype
     max_tokens: int | None = None  # None: any number of tokens
     compute_dtype: torch.dtype | None = None
+    min_tokens: int = 1
 
     @property
     def computes_in(self) -> torch.dtype:
@@ -417,7 +418,16 @@ class Route:
 #             reference up to 64 tokens, 1.1-1.4x at 128-256; int8pack 2.9-12x up to 32 tokens, ~1x at 64.
 #             The limits are those of the bfloat16 routes (the float32 reference is slower than bfloat16's).
 #   float16   int8pack 1.2x at 1 token; int4pack loses already at 1 token (0.8x)
-# Prefill-sized inputs go to the reference path, whose bfloat16 matmul runs on AMX.
+# Long inputs in float32/float16: dequant-mm-cpu via bfloat16 (decode in bfloat16, bfloat16 matmul on
+# AMX/AVX512-BF16). `--micro --threads 1 --tokens 16 32 64 128 512` (bench/results/inference_micro_prefill.md,
+# 1 thread, load average 9-11, so noisy), speedup over the reference path in the activation dtype:
+#   float32   int8 1.05x at 16 tokens, 1.1x at 32, 1.4x at 64, 2.5x at 128, 3.0x at 512; int4 g128 1.15x,
+#             1.3x, 1.0x, 1.6x, 2.75x; int3 g128 0.89x and 0.93x at 16 and 32 (bfloat16 element-wise
+#             decoding costs more than float32's when decoding dominates), 1.4x at 64, 1.4x, 2.1x
+#             -> from 64 tokens on (below: the int4/int8 kernels, or the float32 reference path)
+#   float16   1.27-1.32x at 16 tokens, 1.35-1.8x at 32-128, 2.1-2.8x at 512 (int8, int4 g128, int3 g128)
+#             -> from 16 tokens on (not measured below 16)
+# bfloat16 activations need no such route: their reference path is the same computation.
 # CUDA limits from `bench/gpu_check.py` on an H200 (torch 2.11, 4096x4096 / 11008x4096 / 4096x11008):
 #   bfloat16  int4pack (tinygemm): 11-21x at 1 token, 8-13x at 8, 4-5x at 32, 1.35-1.4x at 128,
 #             0.7-0.8x at 256 (and 1.0-1.7x faster than a dense bfloat16 matmul up to 8 tokens)
@@ -433,7 +443,9 @@ ROUTES: tuple[Route, ...] = (
     Route("int8pack-cpu", "cpu", torch.float32, max_tokens=32, compute_dtype=torch.bfloat16),
     Route("int8pack-cpu", "cpu", torch.float32, max_tokens=1),
     Route("int4pack-cpu", "cpu", torch.float32, max_tokens=1),
+    Route("dequant-mm-cpu", "cpu", torch.float32, min_tokens=64, compute_dtype=torch.bfloat16),
     Route("int8pack-cpu", "cpu", torch.float16, max_tokens=1),
+    Route("dequant-mm-cpu", "cpu", torch.float16, min_tokens=16, compute_dtype=torch.bfloat16),
     Route("int4pack-cuda", "cuda", torch.bfloat16, max_tokens=128),
     Route("int8pack-cuda", "cuda", torch.bfloat16, max_tokens=2),
     Route("int8pack-cuda", "cuda", torch.float16, max_tokens=2),
@@ -456,8 +468,9 @@ class Plan:
     def handles(self, x: torch.Tensor) -> bool:
         if x.device.type != self.route.device_type or x.dtype != self.route.dtype:
             return False
+        tokens = x.numel() // max(x.shape[-1], 1)
         limit = self.route.max_tokens
-        return limit is None or x.numel() // max(x.shape[-1], 1) <= limit
+        return tokens >= self.route.min_tokens and (limit is None or tokens <= limit)
 
     def linear(self, x: torch.Tensor, tensors: Tensors, bias: torch.Tensor | None) -> torch.Tensor:
         y = self.kernel.matmul(x.reshape(-1, x.shape[-1]).to(self.route.computes_in), tensors, self.layout)
@@ -482,7 +495,7 @@ def plans_for(fmt: WeightFormat, in_features: int, out_features: int, device: to
     """The routes of the table, in order, that this layer runs: ``()`` = reference path only.
 
     A layer runs, for an input of ``m`` tokens, the first of its plans whose route takes ``m``
-    tokens; inputs beyond the last one's limit take the reference path. A route is kept when its
+    tokens (``min_tokens <= m <= max_tokens``); other inputs take the reference path. A route is kept when its
     kernel takes the layer and works here, and it takes more tokens than the routes kept before
     it (otherwise it would never run). A layer holds at most one repacked copy of its weight, so
     after a repacking kernel only kernels that read the stored tensors are kept.

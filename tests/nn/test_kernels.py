@@ -153,7 +153,8 @@ def test_routes_name_known_kernels_of_their_device() -> None:
     (_fmt(4, 128), 64, 256, torch.float32, False, "int4pack-cpu"),
     (_fmt(8, -1, sym=True), 64, 256, torch.float32, False, "int8pack-cpu"),
     (_fmt(8, -1, sym=True), 64, 256, torch.float16, False, "int8pack-cpu"),
-    (_fmt(4, 128), 64, 256, torch.float16, False, None),  # loses even at 1 token
+    (_fmt(4, 128), 64, 256, torch.float16, False, "dequant-mm-cpu"),  # int4pack loses even at 1 token
+    (_fmt(3, 128), 64, 256, torch.float32, False, "dequant-mm-cpu"),  # no 3-bit kernel: long inputs only
 ])
 def test_plan_for_cpu(fmt: IntAffine, out_features: int, in_features: int, dtype: torch.dtype, widen: bool,
                       expected: str | None) -> None:
@@ -214,12 +215,13 @@ def test_kernel_tensors_stay_out_of_state_dict() -> None:
 
 def test_moving_or_casting_repacks() -> None:
     layer = _layer()
-    assert layer.prepare_kernel(torch.float16) == "reference"
-    layer.to(torch.bfloat16)  # activations become bfloat16, which has a CPU route
+    assert layer.prepare_kernel(torch.float16) == "dequant-mm-cpu"  # long inputs only: nothing repacked
+    assert not layer.kernel_tensors()
+    layer.to(torch.bfloat16)  # activations become bfloat16, which has a CPU kernel
     assert layer.kernel_plan is not None and layer.kernel_plan.route.dtype == torch.bfloat16
     assert layer.kernel_tensors()["scales_and_zeros"].dtype == torch.bfloat16
     layer.to(torch.float16)
-    assert layer.kernel_plan is None and not layer.kernel_tensors()
+    assert layer.kernel_names() == "dequant-mm-cpu" and not layer.kernel_tensors()
 
 
 def test_meta_layers_stay_on_reference() -> None:
@@ -404,6 +406,7 @@ def test_long_inputs_take_the_dequant_route(monkeypatch: pytest.MonkeyPatch) -> 
     calls = []
     real = kernels.reference_linear
     monkeypatch.setattr(kernels, "reference_linear", lambda *a: calls.append(a[0].dtype) or real(*a))
+    assert long.route.min_tokens <= short.route.max_tokens + 1  # no gap between the two routes
     x = torch.randn(2, short.route.max_tokens, 64)
     got = layer(x)
     assert calls == [torch.bfloat16]  # dequant-mm-cpu is the reference path computed in bfloat16
@@ -425,3 +428,18 @@ def test_plans_for_skips_routes_that_never_run() -> None:
     assert [(p.kernel.name, p.route.max_tokens) for p in plans] == [(int8, 8), (dequant, None)]
     exact = kernels.plans_for(fmt, 256, 64, "cpu", torch.float32, mode="exact", routes=routes)
     assert [(p.kernel.name, p.route.max_tokens) for p in exact] == [(int8, 1), (dequant, 4096)]
+
+
+def test_min_tokens_leaves_short_inputs_to_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """3-bit codes have no kernel without widening: float32 inputs below the route's minimum stay float32."""
+    fmt = _fmt(3, 32)
+    layer = QuantLinear(64, 32, LayerScheme(fmt), bias=False)
+    layer.load_quantized(fmt.quantize(torch.randn(32, 64)))
+    assert layer.prepare_kernel(torch.float32) == "dequant-mm-cpu"
+    first = layer.kernel_plan.route.min_tokens
+    calls = []
+    real = kernels.reference_linear
+    monkeypatch.setattr(kernels, "reference_linear", lambda *a: calls.append(a[0].dtype) or real(*a))
+    layer(torch.randn(first - 1, 64))
+    layer(torch.randn(first, 64))
+    assert calls == [torch.float32, torch.bfloat16]
