@@ -43,6 +43,14 @@ Kernels (each a :class:`Kernel` value; the op names are torch's):
   the same way, so kernel and reference agree bit for bit (tested). torch 2.13's CPU ``_int_mm``
   takes any shape (checked: M = 1, odd K and N), so no padding is needed.
 
+* ``dequant-mm-cpu`` — no torch op of its own: the reference path run in the route's compute
+  dtype. It decodes the stored tensors (any format, a block of output rows at a time) into
+  bfloat16 and runs the dense bfloat16 matmul (AMX / AVX512-BF16 on this CPU: 3.5-5x faster than
+  float32 at prefill shapes), so it repacks nothing and costs no memory. For float32 or float16
+  activations it adds bfloat16 rounding of the weight (relative 2**-9, the same rounding as a
+  bfloat16 model's reference path), of the activations and of the output; it is never ``"exact"``.
+  It is the route for long inputs (prefill), where the int4/int8 kernels lose to decoding once.
+
 Kernels take a layer by its format, not its bit width: any format whose decoding is affine in
 the code (``w = (q - zero) · scale``; it defines ``affine(params)``: the integer formats, ternary,
 binary) with codes of a width the kernel takes. Codes of fewer than 4 bits (int2/int3, ternary,
@@ -50,10 +58,12 @@ binary) fit the int4 kernels too (the same maths), but widening them to 4 bits c
 is opt-in (``widen=True``). The fp8 kernel takes e4m3 codes (``codes="fp8-e4m3"``); the other
 formats (fp8-e5m2, grouped fp8, nf4, fp4, fp16, bf16) run the reference path.
 
-:data:`ROUTES` is the dispatch table: for a device type and activation dtype, which kernel to
-try, in order, and up to how many tokens (rows of the flattened input) it beats the reference
-path. The limits are measurements (``bench/inference.py --micro`` on CPU, ``bench/gpu_check.py``
-on CUDA; numbers at the table); beyond them a prepared layer uses the reference path.
+:data:`ROUTES` is the dispatch table: for a device type and activation dtype, which kernels to
+use, in order, each for a range of token counts (rows of the flattened input) where it beats the
+reference path and the routes after it. A layer keeps a chain of routes (:func:`plans_for`: e.g.
+``int4pack-cpu`` up to 64 tokens, then ``dequant-mm-cpu``) and runs the first whose range takes
+the input; inputs outside every range use the reference path. The ranges are measurements
+(``bench/inference.py --micro`` on CPU, ``bench/gpu_check.py`` on CUDA; numbers at the table).
 
 A route may run its kernel in another *compute dtype* than the activations: float32 inputs are
 rounded to bfloat16 for the CPU kernels (which are slow in float32) and the output is cast back to

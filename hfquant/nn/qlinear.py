@@ -10,7 +10,8 @@ moves the stored tensors but never changes their dtype: only the bias and the co
 Inference runs the reference path (dequantize in the activation dtype, then ``F.linear``; for a
 scheme with an ``input`` mode: quantize the input, integer matmul, dequantize) unless
 :meth:`QuantLinear.prepare_kernel` (or :func:`prepare_for_inference` for a whole model) has
-repacked the weight for one of the kernels in :mod:`hfquant.nn.kernels`. The repacked tensors are
+repacked the weight for the kernels in :mod:`hfquant.nn.kernels` (a chain by token range, e.g. the int4
+kernel for decode and ``dequant-mm-cpu`` for prefill; at most one repacked copy). The repacked tensors are
 non-persistent buffers named ``kernel_*``: ``state_dict()`` and saved checkpoints hold only the
 canonical tensors above, and moving or casting the module repacks them for the new device/dtype.
 """
@@ -76,8 +77,9 @@ class QuantLinear(nn.Module):
         """Repack for the kernels the dispatch table picks for this format, device and ``dtype``.
 
         Returns the kernels' names by token range joined by ``+`` (e.g. ``int4pack-cpu+dequant-mm-cpu``),
-        or ``"reference"`` when none applies (meta/offloaded weights included). ``widen`` lets 2/3-bit codes use a 4-bit kernel (more memory than the codes);
-        ``mode`` is one of :data:`kernels.KERNEL_MODES`.
+        or ``"reference"`` when none applies (meta/offloaded weights included). ``widen`` lets 2/3-bit
+        codes use a 4-bit kernel (more memory than the codes); ``mode`` is one of
+        :data:`kernels.KERNEL_MODES`.
         """
         self.release_kernel()
         self._kernel_request = (dtype, widen, mode)
@@ -150,7 +152,8 @@ _KERNEL_PREFIX = "kernel_"
 
 def prepare_for_inference(model: nn.Module, dtype: torch.dtype | None = None, widen: bool = False,
                           kernels: str = "auto") -> dict[str, str]:
-    """Repack every :class:`QuantLinear` of ``model`` for its kernel; returns ``{layer name: kernel name}``.
+    """Repack every :class:`QuantLinear` of ``model`` for its kernels; returns ``{layer name: kernel names}``
+    (:meth:`QuantLinear.kernel_names`).
 
     ``dtype`` is the activation dtype to prepare for; ``None`` takes the dtype of the model's first
     floating-point parameter outside the quantized layers (its embeddings, usually). ``kernels``:

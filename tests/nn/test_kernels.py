@@ -443,3 +443,18 @@ def test_min_tokens_leaves_short_inputs_to_the_reference(monkeypatch: pytest.Mon
     layer(torch.randn(first - 1, 64))
     layer(torch.randn(first, 64))
     assert calls == [torch.float32, torch.bfloat16]
+
+
+def test_long_prompt_through_a_model_matches_the_reference(tiny_checkpoints: dict) -> None:
+    """A float32 int4 model on a prompt past the int4 kernel's limit: the dequant-mm route, close to the reference."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], dtype=torch.float32,
+                                                 quantization_config=hfquant.HfQuantConfig(bits=4, group_size=32))
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert {m.kernel_names() for m in layers} == {"int4pack-cpu+dequant-mm-cpu"}
+    tokens = layers[0].kernel_plans[1].route.min_tokens + 9
+    ids = torch.randint(0, 100, (1, tokens), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fast = model(ids).logits
+        hfquant.prepare_for_inference(model, kernels="off")
+        reference = model(ids).logits
+    assert float((fast - reference).abs().max() / reference.abs().max()) < 0.05
