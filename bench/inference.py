@@ -114,9 +114,10 @@ def _micro_plans(fmt: WeightFormat, layers: list[tuple[int, int, dict]], dtype: 
         if kernel.device_type != "cpu" or not kernel.takes(fmt, widen=True) or not all(layouts):
             continue
         if kernel.reads_stored:
-            plans.update({f"{kernel.name} via bfloat16": [
-                (kernels.Plan(kernel, kernels.Route(kernel.name, "cpu", dtype, compute_dtype=torch.bfloat16), lay), stored)
-                for lay, (_, _, stored) in zip(layouts, layers, strict=True)]} if dtype != torch.bfloat16 else {})
+            if dtype != torch.bfloat16:
+                route = kernels.Route(kernel.name, "cpu", dtype, compute_dtype=torch.bfloat16)
+                plans[f"{kernel.name} via bfloat16"] = [(kernels.Plan(kernel, route, lay), stored)
+                                                        for lay, (_, _, stored) in zip(layouts, layers, strict=True)]
             continue
         for compute in computes:
             route = kernels.Route(kernel.name, "cpu", dtype, compute_dtype=compute)
@@ -313,8 +314,8 @@ def measure(model_path: str, spec: tuple[dict | None, str, str], compiled: bool)
 
 def run_child(model_path: str, name: str, compiled: bool, threads: int | None) -> dict:
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    proc = subprocess.run([sys.executable, __file__, "--child", model_path, name, *(["--compiled"] if compiled else [])],
-                          capture_output=True, text=True, check=False, env=env)
+    argv = [sys.executable, __file__, "--child", model_path, name, *(["--compiled"] if compiled else [])]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
     if proc.returncode:
         return {"error": proc.stderr[-1500:]}
     return json.loads(proc.stdout.split("RESULT", 1)[1])
@@ -383,9 +384,9 @@ def limit_table(rows: list[dict], bandwidth_gb_s: float) -> str:
     for r in rows:
         compiled = "-" if r["compiled_tok_s"] is None else (
             f"{r['compiled_tok_s']:.1f} ({100 * r['compiled_tok_s'] / r['bound_tok_s']:.0f}%)")
+        eager = f"{r['eager_tok_s']:.1f} ({100 * r['eager_tok_s'] / r['bound_tok_s']:.0f}%)"
         lines.append(f"| {r['model']} | {r['format']} | {r['weights'] / 1e6:.1f} + {r['kv_cache'] / 1e6:.2f} | "
-                     f"{r['bound_tok_s']:.0f} | {r['eager_tok_s']:.1f} ({100 * r['eager_tok_s'] / r['bound_tok_s']:.0f}%) "
-                     f"| {compiled} |")
+                     f"{r['bound_tok_s']:.0f} | {eager} | {compiled} |")
     return (f"Memory bandwidth (STREAM-like copy of {STREAM_MIB} MiB float32, read + written bytes, best of 5, "
             f"measured at the start of this run): **{bandwidth_gb_s:.1f} GB/s**. Bound = bandwidth / bytes read "
             "per decoded token at batch 1 (each weight once as its decode path reads it, one embedding row unless "
@@ -468,13 +469,15 @@ def main() -> None:
               "decode_steps": DECODE_STEPS, "prompt_tokens": PROMPT_TOKENS, "compiled_steps": COMPILED_STEPS,
               "stream_mib": STREAM_MIB}
     limits = limit_rows(results, bandwidth)
+    load_end = tuple(round(v, 2) for v in os.getloadavg())
     table = (f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; load average (1, 5, 15 min) at the "
-             f"start {tuple(round(v, 2) for v in load_start)}, at the end {tuple(round(v, 2) for v in os.getloadavg())}. "
+             f"start {tuple(round(v, 2) for v in load_start)}, at the end {load_end}. "
              f"Prefill: one {PREFILL_TOKENS}-token forward (best of up to 3). Decode: median single-token forward "
              f"with a KV cache after a {PROMPT_TOKENS}-token prompt; compiled: median of {COMPILED_STEPS} "
-             "steps of torch.compile(model.forward, fullgraph=True) (inductor) with a static cache. 'kernels' counts quantized layers per "
-             "chain of routes chosen at load (by token range, `+`-joined; reference = dequantize + F.linear in the "
-             "activation dtype beyond the last route's limit; hfquant.nn.kernels.ROUTES). Weights: state_dict bytes "
+             "steps of torch.compile(model.forward, fullgraph=True) (inductor) with a static cache. 'kernels' "
+             "counts quantized layers per chain of routes chosen at load (by token range, `+`-joined; reference = "
+             "dequantize + F.linear in the activation dtype outside every route's range; hfquant.nn.kernels.ROUTES). "
+             "Bandwidth copy and decode run on the same number of threads. Weights: state_dict bytes "
              "(what is saved) + repacked kernel buffers. 'load avg': 1-minute load average when the row started and "
              f"ended; with {os.cpu_count()} cores, above ~2 means other processes competed, and only ratios within "
              "one run mean anything.\n\n" + stack_table(results) + "\n\n## The memory-bandwidth limit of decode\n\n"
