@@ -427,6 +427,9 @@ class Route:
 #             through bfloat16 (compute_dtype), measured on a busy machine (noisy): int4pack >2x the float32
 #             reference up to 64 tokens, 1.1-1.4x at 128-256; int8pack 2.9-12x up to 32 tokens, ~1x at 64.
 #             The limits are those of the bfloat16 routes (the float32 reference is slower than bfloat16's).
+#             Smaller layers differ: on SmolLM2-135M's shapes (576x576, 1536x576, 576x1536; 1 thread, load ~14)
+#             the float32 int4pack at 1 token ran at 0.69-0.84x the reference (int8pack 1.06-1.67x), so the
+#             "exact" float32 int4 route below helps large layers only; routes by shape are not implemented.
 #   float16   int8pack 1.2x at 1 token; int4pack loses already at 1 token (0.8x)
 # Long inputs in float32/float16: dequant-mm-cpu via bfloat16 (decode in bfloat16, bfloat16 matmul on
 # AMX/AVX512-BF16). `--micro --threads 1 --tokens 16 32 64 128 512` (bench/results/inference_micro_prefill.md,
