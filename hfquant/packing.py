@@ -165,9 +165,10 @@ def unpack_bytes(words: torch.Tensor, bits: int) -> torch.Tensor:
     rows = words.shape[0]
     chunks = words.view(torch.uint8).reshape(rows, -1, nbytes)
     mask = 2**bits - 1
-    if nbytes == 1:  # 2, 4, 8 bits: no code straddles a byte
-        shifts = torch.tensor(lo_shift, dtype=torch.uint8, device=words.device)
-        return ((chunks >> shifts) & mask).reshape(rows, -1)
+    if nbytes == 1:  # 1, 2, 4, 8 bits: no code straddles a byte; one pass per code of a byte
+        byte = chunks[..., 0]
+        codes = [byte >> shift if shift + bits == 8 else (byte >> shift) & mask for shift in lo_shift]
+        return torch.stack(codes, dim=-1).reshape(rows, -1)
     codes = torch.empty(rows, chunks.shape[1], len(lo_byte), dtype=torch.uint8, device=words.device)
     for j, (lo, lo_s, hi, hi_s) in enumerate(zip(lo_byte, lo_shift, hi_byte, hi_shift, strict=True)):
         code = chunks[..., lo] >> lo_s

@@ -43,6 +43,14 @@ Kernels (each a :class:`Kernel` value; the op names are torch's):
   the same way, so kernel and reference agree bit for bit (tested). torch 2.13's CPU ``_int_mm``
   takes any shape (checked: M = 1, odd K and N), so no padding is needed.
 
+* ``dequant-mm-cpu`` — no torch op of its own: the reference path run in the route's compute
+  dtype. It decodes the stored tensors (any format, a block of output rows at a time) into
+  bfloat16 and runs the dense bfloat16 matmul (AMX / AVX512-BF16 on this CPU: 3.5-5x faster than
+  float32 at prefill shapes), so it repacks nothing and costs no memory. For float32 or float16
+  activations it adds bfloat16 rounding of the weight (relative 2**-9, the same rounding as a
+  bfloat16 model's reference path), of the activations and of the output; it is never ``"exact"``.
+  It is the route for long inputs (prefill), where the int4/int8 kernels lose to decoding once.
+
 Kernels take a layer by its format, not its bit width: any format whose decoding is affine in
 the code (``w = (q - zero) · scale``; it defines ``affine(params)``: the integer formats, ternary,
 binary) with codes of a width the kernel takes. Codes of fewer than 4 bits (int2/int3, ternary,
@@ -50,10 +58,12 @@ binary) fit the int4 kernels too (the same maths), but widening them to 4 bits c
 is opt-in (``widen=True``). The fp8 kernel takes e4m3 codes (``codes="fp8-e4m3"``); the other
 formats (fp8-e5m2, grouped fp8, nf4, fp4, fp16, bf16) run the reference path.
 
-:data:`ROUTES` is the dispatch table: for a device type and activation dtype, which kernel to
-try, in order, and up to how many tokens (rows of the flattened input) it beats the reference
-path. The limits are measurements (``bench/inference.py --micro`` on CPU, ``bench/gpu_check.py``
-on CUDA; numbers at the table); beyond them a prepared layer uses the reference path.
+:data:`ROUTES` is the dispatch table: for a device type and activation dtype, which kernels to
+use, in order, each for a range of token counts (rows of the flattened input) where it beats the
+reference path and the routes after it. A layer keeps a chain of routes (:func:`plans_for`: e.g.
+``int4pack-cpu`` up to 64 tokens, then ``dequant-mm-cpu``) and runs the first whose range takes
+the input; inputs outside every range use the reference path. The ranges are measurements
+(``bench/inference.py --micro`` on CPU, ``bench/gpu_check.py`` on CUDA; numbers at the table).
 
 A route may run its kernel in another *compute dtype* than the activations: float32 inputs are
 rounded to bfloat16 for the CPU kernels (which are slow in float32) and the output is cast back to
@@ -154,6 +164,7 @@ class Layout:
     padded_in: int  # input columns after zero-padding to whole kernel groups
     group: int = 0  # the kernel's group size (int4 kernels)
     correct_zero: bool = False  # int8 with stored zero points: subtract the zero-point correction
+    fmt: WeightFormat | None = None  # the format to decode (kernels that read the stored tensors)
 
 
 @dataclass(frozen=True)
@@ -164,12 +175,13 @@ class Kernel:
     ``affine(params) -> (scale, zero)``) with codes of the widths in ``bits``.
     ``layout(fmt, in_features, out_features)`` says whether the kernel can take a layer
     (``None``: it cannot) and how; ``pack`` builds its tensors from the stored ones; ``matmul``
-    computes ``x2d @ W.T`` for a 2-D contiguous ``x2d``.
+    computes ``x2d @ W.T`` for a 2-D contiguous ``x2d``. A kernel that ``reads_stored`` repacks
+    nothing (``pack`` returns ``{}``): its ``matmul`` gets the layer's stored tensors.
     """
 
     name: str
     device_type: str
-    bits: tuple[int, ...]  # code widths taken as they are
+    bits: tuple[int, ...] | None  # code widths taken as they are (None: any)
     probe: WeightFormat  # a format it takes, for the one-off check that it runs here (kernel_works)
     layout: Callable[[WeightFormat, int, int], Layout | None]
     pack: Callable[[Tensors, WeightFormat, Layout, torch.dtype], Tensors]
@@ -179,14 +191,16 @@ class Kernel:
     codes: str = "affine"  # what decoding it takes: "affine" (w = (q - zero) * scale) or "fp8-e4m3"
     quantizes_input: bool = False  # rounds the activations to a narrower type itself (never "exact")
     activations: str | None = None  # the scheme input mode it implements (None: weight-only layers only)
+    reads_stored: bool = False  # matmul takes the stored tensors; nothing is repacked
 
     def takes(self, fmt: WeightFormat, widen: bool) -> bool:
         if not _CODE_KINDS[self.codes](fmt):
             return False
-        return fmt.code_bits in self.bits or (widen and fmt.code_bits in self.widen_bits)
+        return self.bits is None or fmt.code_bits in self.bits or (widen and fmt.code_bits in self.widen_bits)
 
 
 _CODE_KINDS: dict[str, Callable[[WeightFormat], bool]] = {
+    "any": lambda fmt: True,
     "affine": lambda fmt: hasattr(fmt, "affine"),
     "fp8-e4m3": lambda fmt: getattr(fmt, "torch_dtype", None) == torch.float8_e4m3fn,
 }
@@ -355,6 +369,17 @@ def _matmul_fp8_dynamic(x2d: torch.Tensor, tensors: Tensors, lay: Layout) -> tor
     x_codes, x_scale = FP8_DYNAMIC.quantize(x2d)
     return torch._scaled_mm(x_codes, tensors["weight"].t(), scale_a=x_scale, scale_b=tensors["scale"],
                             out_dtype=x2d.dtype)
+def _decode_layout(fmt: WeightFormat, in_features: int, out_features: int) -> Layout:
+    return Layout(in_features=in_features, padded_in=in_features, fmt=fmt)
+
+
+def _matmul_decoded(x2d: torch.Tensor, stored: Tensors, lay: Layout) -> torch.Tensor:
+    """The reference path run in ``x2d``'s dtype (the route's compute dtype): decode, dense matmul."""
+    return reference_linear(x2d, stored, lay.fmt, lay.in_features, None)
+
+
+def _pack_nothing(stored: Tensors, fmt: WeightFormat, lay: Layout, dtype: torch.dtype) -> Tensors:
+    return {}
 
 
 _INT4_PROBE = IntAffine(bits=4, group_size=32, sym=False)
@@ -380,8 +405,10 @@ INT_MM_STATIC_CPU = Kernel("int8-static-int-mm-cpu", "cpu", bits=(8,), probe=Int
 FP8_DYNAMIC_CUDA = Kernel("fp8-dynamic-scaled-mm-cuda", "cuda", bits=(8,), probe=FP8(group_size=-1, variant="e4m3"),
                           codes="fp8-e4m3", quantizes_input=True, activations=FP8_DYNAMIC.name, layout=_fp8_layout,
                           pack=_pack_fp8, matmul=_matmul_fp8_dynamic, ops=("_scaled_mm",))
+DEQUANT_MM_CPU = Kernel("dequant-mm-cpu", "cpu", bits=None, probe=_INT4_PROBE, codes="any", reads_stored=True,
+                        layout=_decode_layout, pack=_pack_nothing, matmul=_matmul_decoded)
 KERNELS = {k.name: k for k in (INT4_CPU, INT4_CUDA, INT8_CPU, INT8_CUDA, FP8_CUDA, INT_MM_CPU, INT_MM_STATIC_CPU,
-                               FP8_DYNAMIC_CUDA)}
+                               FP8_DYNAMIC_CUDA, DEQUANT_MM_CPU)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,7 +418,7 @@ KERNELS = {k.name: k for k in (INT4_CPU, INT4_CUDA, INT8_CPU, INT8_CUDA, FP8_CUD
 
 @dataclass(frozen=True)
 class Route:
-    """Use ``kernel`` for activations of ``dtype`` on ``device_type`` for up to ``max_tokens`` rows.
+    """Use ``kernel`` for activations of ``dtype`` on ``device_type`` for ``min_tokens`` to ``max_tokens`` rows.
 
     The kernel computes in ``compute_dtype`` (``None``: in ``dtype``): inputs are cast to it and
     outputs back.
@@ -402,6 +429,7 @@ class Route:
     dtype: torch.dtype
     max_tokens: int | None = None  # None: any number of tokens
     compute_dtype: torch.dtype | None = None
+    min_tokens: int = 1
 
     @property
     def computes_in(self) -> torch.dtype:
@@ -421,8 +449,20 @@ class Route:
 #             through bfloat16 (compute_dtype), measured on a busy machine (noisy): int4pack >2x the float32
 #             reference up to 64 tokens, 1.1-1.4x at 128-256; int8pack 2.9-12x up to 32 tokens, ~1x at 64.
 #             The limits are those of the bfloat16 routes (the float32 reference is slower than bfloat16's).
+#             Smaller layers differ: on SmolLM2-135M's shapes (576x576, 1536x576, 576x1536; 1 thread, load ~14)
+#             the float32 int4pack at 1 token ran at 0.69-0.84x the reference (int8pack 1.06-1.67x), so the
+#             "exact" float32 int4 route below helps large layers only; routes by shape are not implemented.
 #   float16   int8pack 1.2x at 1 token; int4pack loses already at 1 token (0.8x)
-# Prefill-sized inputs go to the reference path, whose bfloat16 matmul runs on AMX.
+# Long inputs in float32/float16: dequant-mm-cpu via bfloat16 (decode in bfloat16, bfloat16 matmul on
+# AMX/AVX512-BF16). `--micro --threads 1 --tokens 16 32 64 128 512` (bench/results/inference_micro_prefill.md,
+# 1 thread, load average 9-11, so noisy), speedup over the reference path in the activation dtype:
+#   float32   int8 1.05x at 16 tokens, 1.1x at 32, 1.4x at 64, 2.5x at 128, 3.0x at 512; int4 g128 1.15x,
+#             1.3x, 1.0x, 1.6x, 2.75x; int3 g128 0.89x and 0.93x at 16 and 32 (bfloat16 element-wise
+#             decoding costs more than float32's when decoding dominates), 1.4x at 64, 1.4x, 2.1x
+#             -> from 64 tokens on (below: the int4/int8 kernels, or the float32 reference path)
+#   float16   1.27-1.32x at 16 tokens, 1.35-1.8x at 32-128, 2.1-2.8x at 512 (int8, int4 g128, int3 g128)
+#             -> from 16 tokens on (not measured below 16)
+# bfloat16 activations need no such route: their reference path is the same computation.
 # CUDA limits from `bench/gpu_check.py` on an H200 (torch 2.11, 4096x4096 / 11008x4096 / 4096x11008):
 #   bfloat16  int4pack (tinygemm): 11-21x at 1 token, 8-13x at 8, 4-5x at 32, 1.35-1.4x at 128,
 #             0.7-0.8x at 256 (and 1.0-1.7x faster than a dense bfloat16 matmul up to 8 tokens)
@@ -438,7 +478,9 @@ ROUTES: tuple[Route, ...] = (
     Route("int8pack-cpu", "cpu", torch.float32, max_tokens=32, compute_dtype=torch.bfloat16),
     Route("int8pack-cpu", "cpu", torch.float32, max_tokens=1),
     Route("int4pack-cpu", "cpu", torch.float32, max_tokens=1),
+    Route("dequant-mm-cpu", "cpu", torch.float32, min_tokens=64, compute_dtype=torch.bfloat16),
     Route("int8pack-cpu", "cpu", torch.float16, max_tokens=1),
+    Route("dequant-mm-cpu", "cpu", torch.float16, min_tokens=16, compute_dtype=torch.bfloat16),
     Route("int4pack-cuda", "cuda", torch.bfloat16, max_tokens=128),
     Route("int8pack-cuda", "cuda", torch.bfloat16, max_tokens=2),
     Route("int8pack-cuda", "cuda", torch.float16, max_tokens=2),
@@ -465,8 +507,9 @@ class Plan:
     def handles(self, x: torch.Tensor) -> bool:
         if x.device.type != self.route.device_type or x.dtype != self.route.dtype:
             return False
+        tokens = x.numel() // max(x.shape[-1], 1)
         limit = self.route.max_tokens
-        return limit is None or x.numel() // max(x.shape[-1], 1) <= limit
+        return tokens >= self.route.min_tokens and (limit is None or tokens <= limit)
 
     def linear(self, x: torch.Tensor, tensors: Tensors, bias: torch.Tensor | None) -> torch.Tensor:
         y = self.kernel.matmul(x.reshape(-1, x.shape[-1]).to(self.route.computes_in), tensors, self.layout)
@@ -485,28 +528,46 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"kernels={mode!r} is not allowed; expected one of {KERNEL_MODES}")
 
 
-def plan_for(fmt: WeightFormat, in_features: int, out_features: int, device: torch.device | str,
-             dtype: torch.dtype, widen: bool = False, mode: str = "auto",
-             routes: tuple[Route, ...] = ROUTES, activations: str | None = None) -> Plan | None:
-    """The first route of the table whose kernel takes this layer and works here; None = reference.
+def plans_for(fmt: WeightFormat, in_features: int, out_features: int, device: torch.device | str,
+              dtype: torch.dtype, widen: bool = False, mode: str = "auto",
+              routes: tuple[Route, ...] = ROUTES, activations: str | None = None) -> tuple[Plan, ...]:
+    """The routes of the table, in order, that this layer runs: ``()`` = reference path only.
 
+    A layer runs, for an input of ``m`` tokens, the first of its plans whose route takes ``m``
+    tokens (``min_tokens <= m <= max_tokens``); other inputs take the reference path. A route is kept when its
+    kernel takes the layer and works here, and it takes more tokens than the routes kept before
+    it (otherwise it would never run). A layer holds at most one repacked copy of its weight, so
+    after a repacking kernel only kernels that read the stored tensors are kept.
     ``activations`` is the layer's input mode: only kernels implementing that mode are taken
     (a weight-only kernel never runs a W8A8 layer, nor the other way round).
     """
     check_mode(mode)
     if mode == "off":
-        return None
+        return ()
     device_type = torch.device(device).type
+    plans: list[Plan] = []
+    covered = 0  # tokens taken by the plans so far (math.inf: any number)
     for route in routes:
         if route.device_type != device_type or route.dtype != dtype or (mode == "exact" and not route.exact):
             continue
         kernel = KERNELS[route.kernel]
-        if kernel.activations != activations:
+        limit = math.inf if route.max_tokens is None else route.max_tokens
+        repacked = any(not p.kernel.reads_stored for p in plans)
+        if kernel.activations != activations or limit <= covered or (repacked and not kernel.reads_stored):
             continue
         lay = kernel.layout(fmt, in_features, out_features) if kernel.takes(fmt, widen) else None
         if lay is not None and kernel_works(kernel.name, str(torch.device(device)), route.computes_in):
-            return Plan(kernel, route, lay)
-    return None
+            plans.append(Plan(kernel, route, lay))
+            covered = limit
+    return tuple(plans)
+
+
+def plan_for(fmt: WeightFormat, in_features: int, out_features: int, device: torch.device | str,
+             dtype: torch.dtype, widen: bool = False, mode: str = "auto",
+             routes: tuple[Route, ...] = ROUTES, activations: str | None = None) -> Plan | None:
+    """The first of :func:`plans_for` (the plan of the shortest inputs); None = reference path."""
+    plans = plans_for(fmt, in_features, out_features, device, dtype, widen, mode, routes, activations)
+    return plans[0] if plans else None
 
 
 @cache
@@ -528,7 +589,8 @@ def kernel_works(name: str, device: str, dtype: torch.dtype) -> bool:
     stored = {k: v.to(device) for k, v in {**fmt.quantize(weight).stored(), **calibrated}.items()}
     try:
         lay = kernel.layout(fmt, in_features, out_features)
-        got = kernel.matmul(x, kernel.pack(stored, fmt, lay, dtype), lay).float()
+        tensors = stored if kernel.reads_stored else kernel.pack(stored, fmt, lay, dtype)
+        got = kernel.matmul(x, tensors, lay).float()
     except (RuntimeError, NotImplementedError, TypeError):
         return False
     want = x.float() @ fmt.decode(stored, in_features, torch.float32).T

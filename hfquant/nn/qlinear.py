@@ -11,7 +11,8 @@ moves the stored tensors but never changes their dtype: only the bias and the co
 Inference runs the reference path (dequantize in the activation dtype, then ``F.linear``; for a
 scheme with an ``input`` mode: quantize the input, integer matmul, dequantize) unless
 :meth:`QuantLinear.prepare_kernel` (or :func:`prepare_for_inference` for a whole model) has
-repacked the weight for one of the kernels in :mod:`hfquant.nn.kernels`. The repacked tensors are
+repacked the weight for the kernels in :mod:`hfquant.nn.kernels` (a chain by token range, e.g. the int4
+kernel for decode and ``dequant-mm-cpu`` for prefill; at most one repacked copy). The repacked tensors are
 non-persistent buffers named ``kernel_*``: ``state_dict()`` and saved checkpoints hold only the
 canonical tensors above, and moving or casting the module repacks them for the new device/dtype.
 """
@@ -49,8 +50,13 @@ class QuantLinear(nn.Module):
                                                        requires_grad=False))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
-        self.kernel_plan: kernels.Plan | None = None
+        self.kernel_plans: tuple[kernels.Plan, ...] = ()  # by token range, see kernels.plans_for
         self._kernel_request: tuple[torch.dtype, bool, str] | None = None  # (activation dtype, widen, mode)
+
+    @property
+    def kernel_plan(self) -> kernels.Plan | None:
+        """The plan of the shortest inputs (decode), or None when the layer runs the reference path only."""
+        return self.kernel_plans[0] if self.kernel_plans else None
 
     @property
     def fmt(self) -> WeightFormat:
@@ -79,11 +85,12 @@ class QuantLinear(nn.Module):
         return self.fmt.decode(self.stored(), self.in_features, dtype)
 
     def prepare_kernel(self, dtype: torch.dtype, widen: bool = False, mode: str = "auto") -> str:
-        """Repack for the kernel the dispatch table picks for this format, device and ``dtype``.
+        """Repack for the kernels the dispatch table picks for this format, device and ``dtype``.
 
-        Returns the kernel's name, or ``"reference"`` when none applies (meta/offloaded weights
-        included). ``widen`` lets 2/3-bit codes use a 4-bit kernel (more memory than the codes);
-        ``mode`` is one of :data:`kernels.KERNEL_MODES`.
+        Returns the kernels' names by token range joined by ``+`` (e.g. ``int4pack-cpu+dequant-mm-cpu``),
+        or ``"reference"`` when none applies (meta/offloaded weights included). ``widen`` lets 2/3-bit
+        codes use a 4-bit kernel (more memory than the codes); ``mode`` is one of
+        :data:`kernels.KERNEL_MODES`.
         """
         self.release_kernel()
         self._kernel_request = (dtype, widen, mode)
@@ -94,23 +101,28 @@ class QuantLinear(nn.Module):
             if problem:
                 raise ValueError(f"scheme {self.scheme.name}: {problem}")
         activations = None if self.scheme.input is None else self.scheme.input.name
-        plan = kernels.plan_for(self.fmt, self.in_features, self.out_features, self.weight.device, dtype, widen,
-                                mode, activations=activations)
-        if plan is None:
+        plans = kernels.plans_for(self.fmt, self.in_features, self.out_features, self.weight.device, dtype, widen,
+                                  mode, activations=activations)
+        if not plans:
             return "reference"
-        with torch.no_grad():
-            tensors = plan.kernel.pack({**self.stored(), **self.input_params()}, self.fmt, plan.layout,
-                                       plan.route.computes_in)
-        for name, tensor in tensors.items():
-            self.register_buffer(_KERNEL_PREFIX + name, tensor, persistent=False)
-        self.kernel_plan = plan
-        return plan.kernel.name
+        for plan in plans:
+            with torch.no_grad():
+                tensors = plan.kernel.pack({**self.stored(), **self.input_params()}, self.fmt, plan.layout,
+                                           plan.route.computes_in)
+            for name, tensor in tensors.items():  # one plan at most repacks (plans_for)
+                self.register_buffer(_KERNEL_PREFIX + name, tensor, persistent=False)
+        self.kernel_plans = plans
+        return self.kernel_names()
+
+    def kernel_names(self) -> str:
+        """The kernels this layer runs by token range, joined by ``+``; ``"reference"`` for none."""
+        return "+".join(p.kernel.name for p in self.kernel_plans) or "reference"
 
     def release_kernel(self) -> None:
         """Drop the repacked tensors; the layer goes back to the reference path."""
         for name in [n for n in self._buffers if n.startswith(_KERNEL_PREFIX)]:
             del self._buffers[name]
-        self.kernel_plan = None
+        self.kernel_plans = ()
         self._kernel_request = None
 
     def kernel_tensors(self) -> dict[str, torch.Tensor]:
@@ -122,9 +134,10 @@ class QuantLinear(nn.Module):
         return self._output(x)
 
     def _output(self, x: torch.Tensor) -> torch.Tensor:
-        plan = self.kernel_plan
-        if plan is not None and plan.handles(x):
-            return plan.linear(x, self.kernel_tensors(), self.bias)
+        for plan in self.kernel_plans:
+            if plan.handles(x):
+                tensors = self.stored() if plan.kernel.reads_stored else self.kernel_tensors()
+                return plan.linear(x, tensors, self.bias)
         if self.scheme.input is not None:
             return kernels.activation_quantized_linear(x, self.stored(), self.fmt, self.scheme.input,
                                                        self.in_features, self.bias, self.input_params())
@@ -152,7 +165,7 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"scheme={self.scheme.name}, bias={self.bias is not None}, "
-                f"kernel={self.kernel_plan.kernel.name if self.kernel_plan else 'reference'}")
+                f"kernel={self.kernel_names()}")
 
 
 _KERNEL_PREFIX = "kernel_"
@@ -175,7 +188,8 @@ class _InputGradient(torch.autograd.Function):
 
 def prepare_for_inference(model: nn.Module, dtype: torch.dtype | None = None, widen: bool = False,
                           kernels: str = "auto") -> dict[str, str]:
-    """Repack every :class:`QuantLinear` of ``model`` for its kernel; returns ``{layer name: kernel name}``.
+    """Repack every :class:`QuantLinear` of ``model`` for its kernels; returns ``{layer name: kernel names}``
+    (:meth:`QuantLinear.kernel_names`).
 
     ``dtype`` is the activation dtype to prepare for; ``None`` takes the dtype of the model's first
     floating-point parameter outside the quantized layers (its embeddings, usually). ``kernels``:

@@ -153,7 +153,8 @@ def test_routes_name_known_kernels_of_their_device() -> None:
     (_fmt(4, 128), 64, 256, torch.float32, False, "int4pack-cpu"),
     (_fmt(8, -1, sym=True), 64, 256, torch.float32, False, "int8pack-cpu"),
     (_fmt(8, -1, sym=True), 64, 256, torch.float16, False, "int8pack-cpu"),
-    (_fmt(4, 128), 64, 256, torch.float16, False, None),  # loses even at 1 token
+    (_fmt(4, 128), 64, 256, torch.float16, False, "dequant-mm-cpu"),  # int4pack loses even at 1 token
+    (_fmt(3, 128), 64, 256, torch.float32, False, "dequant-mm-cpu"),  # no 3-bit kernel: long inputs only
 ])
 def test_plan_for_cpu(fmt: IntAffine, out_features: int, in_features: int, dtype: torch.dtype, widen: bool,
                       expected: str | None) -> None:
@@ -214,12 +215,13 @@ def test_kernel_tensors_stay_out_of_state_dict() -> None:
 
 def test_moving_or_casting_repacks() -> None:
     layer = _layer()
-    assert layer.prepare_kernel(torch.float16) == "reference"
-    layer.to(torch.bfloat16)  # activations become bfloat16, which has a CPU route
+    assert layer.prepare_kernel(torch.float16) == "dequant-mm-cpu"  # long inputs only: nothing repacked
+    assert not layer.kernel_tensors()
+    layer.to(torch.bfloat16)  # activations become bfloat16, which has a CPU kernel
     assert layer.kernel_plan is not None and layer.kernel_plan.route.dtype == torch.bfloat16
     assert layer.kernel_tensors()["scales_and_zeros"].dtype == torch.bfloat16
     layer.to(torch.float16)
-    assert layer.kernel_plan is None and not layer.kernel_tensors()
+    assert layer.kernel_names() == "dequant-mm-cpu" and not layer.kernel_tensors()
 
 
 def test_meta_layers_stay_on_reference() -> None:
@@ -361,3 +363,98 @@ def test_fp8_kernel_on_cuda(out_features: int, in_features: int) -> None:
     stored = {k: v.cpu() for k, v in layer.stored().items()}
     expected = _fp8_expected(x.cpu(), stored, fmt)
     assert float((layer(x).cpu().double() - expected).abs().max() / expected.abs().max()) < TOLERANCE[torch.bfloat16]
+
+
+# ------------------------------------------------------------------------------------------------
+# dequant-mm-cpu: the long-input route (decode in bfloat16, dense bfloat16 matmul)
+# ------------------------------------------------------------------------------------------------
+
+# Every registered format, at odd shapes: ragged last groups, in_features no multiple of anything.
+DEQUANT_CASES = [(hfquant.formats.make_format(name, **({} if name in ("fp16", "bf16") else {"group_size": g})), k)
+                 for name in hfquant.formats.format_names() for g, k in ((32, 200), (-1, 77))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("fmt, in_features", DEQUANT_CASES, ids=lambda v: getattr(v, "name", str(v)))
+def test_dequant_route_matches_reference(fmt: hfquant.formats.WeightFormat, in_features: int,
+                                         dtype: torch.dtype) -> None:
+    """Within bfloat16's tolerance of exact maths, for every format; rows decoded in blocks like the reference."""
+    kernel = kernels.KERNELS["dequant-mm-cpu"]
+    out_features = 40
+    gen = torch.Generator().manual_seed(0)
+    stored = fmt.quantize(torch.randn(out_features, in_features, generator=gen) * 0.05).stored()
+    lay = kernel.layout(fmt, in_features, out_features)
+    plan = kernels.Plan(kernel, kernels.Route(kernel.name, "cpu", dtype, compute_dtype=torch.bfloat16), lay)
+    weight = fmt.decode(stored, in_features, torch.float64)
+    for lead in X_SHAPES + [(3, 70)]:
+        x = torch.randn(*lead, in_features, generator=gen).to(dtype)
+        got = plan.linear(x, stored, None)
+        assert got.shape == (*lead, out_features) and got.dtype == dtype
+        err = _relative_error(got.reshape(-1, out_features), x.reshape(-1, in_features), weight)
+        assert err < TOLERANCE[torch.bfloat16], f"{fmt.name} x{lead}: error {err:.2e}"
+
+
+def test_long_inputs_take_the_dequant_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 'auto': the int4 kernel up to its limit, then dequant-mm in bfloat16 (never the float32 reference)."""
+    fmt = _fmt(4, 32)
+    layer = QuantLinear(64, 32, LayerScheme(fmt), bias=True)
+    layer.load_quantized(fmt.quantize(torch.randn(32, 64)))
+    layer.bias.data.normal_()
+    assert layer.prepare_kernel(torch.float32) == "int4pack-cpu+dequant-mm-cpu"
+    short, long = layer.kernel_plans
+    assert long.route.max_tokens is None and long.route.computes_in == torch.bfloat16
+    calls = []
+    real = kernels.reference_linear
+    monkeypatch.setattr(kernels, "reference_linear", lambda *a: calls.append(a[0].dtype) or real(*a))
+    assert long.route.min_tokens <= short.route.max_tokens + 1  # no gap between the two routes
+    x = torch.randn(2, short.route.max_tokens, 64)
+    got = layer(x)
+    assert calls == [torch.bfloat16]  # dequant-mm-cpu is the reference path computed in bfloat16
+    weight = torch.cat([layer.dequantized_weight(torch.float64), layer.bias.double()[:, None]], dim=1)
+    ones = torch.ones(x.shape[0] * x.shape[1], 1)
+    assert _relative_error(got.reshape(-1, 32), torch.cat([x.reshape(-1, 64), ones], 1), weight) < 2e-2
+    assert not layer.kernel_tensors().keys() - {"weight", "scales_and_zeros"}  # dequant-mm repacks nothing
+
+
+def test_plans_for_skips_routes_that_never_run() -> None:
+    fmt = _fmt(8, -1, sym=True)
+    int8, dequant = "int8pack-cpu", "dequant-mm-cpu"
+    routes = (kernels.Route(int8, "cpu", torch.float32, max_tokens=8, compute_dtype=torch.bfloat16),
+              kernels.Route(int8, "cpu", torch.float32, max_tokens=1),  # shadowed: fewer tokens than the first
+              kernels.Route("int4pack-cpu", "cpu", torch.float32, max_tokens=64),  # a second repacked copy
+              kernels.Route(dequant, "cpu", torch.float32, compute_dtype=torch.bfloat16),
+              kernels.Route(dequant, "cpu", torch.float32, max_tokens=4096))  # after "any number"
+    plans = kernels.plans_for(fmt, 256, 64, "cpu", torch.float32, routes=routes)
+    assert [(p.kernel.name, p.route.max_tokens) for p in plans] == [(int8, 8), (dequant, None)]
+    exact = kernels.plans_for(fmt, 256, 64, "cpu", torch.float32, mode="exact", routes=routes)
+    assert [(p.kernel.name, p.route.max_tokens) for p in exact] == [(int8, 1), (dequant, 4096)]
+
+
+def test_min_tokens_leaves_short_inputs_to_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """3-bit codes have no kernel without widening: float32 inputs below the route's minimum stay float32."""
+    fmt = _fmt(3, 32)
+    layer = QuantLinear(64, 32, LayerScheme(fmt), bias=False)
+    layer.load_quantized(fmt.quantize(torch.randn(32, 64)))
+    assert layer.prepare_kernel(torch.float32) == "dequant-mm-cpu"
+    first = layer.kernel_plan.route.min_tokens
+    calls = []
+    real = kernels.reference_linear
+    monkeypatch.setattr(kernels, "reference_linear", lambda *a: calls.append(a[0].dtype) or real(*a))
+    layer(torch.randn(first - 1, 64))
+    layer(torch.randn(first, 64))
+    assert calls == [torch.float32, torch.bfloat16]
+
+
+def test_long_prompt_through_a_model_matches_the_reference(tiny_checkpoints: dict) -> None:
+    """A float32 int4 model on a prompt past the int4 kernel's limit: the dequant-mm route, close to the reference."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], dtype=torch.float32,
+                                                 quantization_config=hfquant.HfQuantConfig(bits=4, group_size=32))
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert {m.kernel_names() for m in layers} == {"int4pack-cpu+dequant-mm-cpu"}
+    tokens = layers[0].kernel_plans[1].route.min_tokens + 9
+    ids = torch.randint(0, 100, (1, tokens), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fast = model(ids).logits
+        hfquant.prepare_for_inference(model, kernels="off")
+        reference = model(ids).logits
+    assert float((fast - reference).abs().max() / reference.abs().max()) < 0.05
