@@ -143,13 +143,13 @@ def _affine_grid(layer: QuantLinear) -> Grid:
 def _codebook_grid(layer: QuantLinear) -> Grid | None:
     """Signed integer codes ``table[q] · 2**shift`` with scale ``scale / 2**shift``, when the table allows it."""
     fmt = layer.fmt
-    table = fmt.dequantize(torch.arange(fmt.num_codes), {"scale": torch.ones(fmt.num_codes)}, torch.float64)
+    table = fmt.dequantize(torch.arange(fmt.num_codes), {"scale": torch.ones(fmt.num_codes)}, torch.float32)
     shift = next((s for s in CODEBOOK_SHIFTS if torch.equal(table * 2**s, (table * 2**s).round())), None)
     if shift is None:
         return None
-    codes = fmt.unpack_codes(layer.weight)[:, :layer.in_features].to(torch.int64)
-    values = fmt.dequantize(codes, {"scale": torch.ones(codes.shape[0], 1)}, torch.float64) * 2**shift
-    return Grid(values.round().to(torch.int64), layer.weight_scale.float() / 2**shift, None,
+    codes = fmt.unpack_codes(layer.weight)[:, :layer.in_features]
+    values = fmt.dequantize(codes, {"scale": torch.full((codes.shape[0], 1), 2.0**shift)}, torch.float32)
+    return Grid(values.to(torch.int64), layer.weight_scale.float() / 2**shift, None,
                 (int(table.min()) * 2**shift, int(table.max()) * 2**shift), fmt.group_size)
 
 
