@@ -42,9 +42,14 @@ torch.save({"logits": logits, "seconds": seconds}, out)
 
 LLAMA_CPP_CONSUMER = """
 import sys, time, numpy as np
+import llama_cpp
 from llama_cpp import Llama
 path, ids_path, out, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 ids = np.load(ids_path).tolist()
+defaults = llama_cpp.llama_cpp.llama_model_default_params
+def without_extra_buffers():  # llama.cpp's CPU extra buffer types (weight repacking, AMX) segfault here in decode
+    params = defaults(); params.use_extra_bufts = False; return params
+llama_cpp.llama.llama_cpp.llama_model_default_params = without_extra_buffers
 llm = Llama(model_path=path, n_ctx=len(ids), n_batch=len(ids), n_ubatch=len(ids), logits_all=True,
             n_threads=threads, n_threads_batch=threads, verbose=False)
 llm.eval(ids[:8]); llm.reset()
@@ -155,6 +160,22 @@ def main() -> None:
                              "threads": args.threads})
                 print(rows[-1], flush=True)
         del model
+    if args.llama_python:  # llama.cpp on its own converter's file (the bundled Q4_1 GGUF) vs that file dequantized
+        from hfquant.bundled.model import bundled_gguf_path
+
+        float_model = AutoModelForCausalLM.from_pretrained(path).eval()
+        with torch.no_grad():
+            ours = float_model(ids).logits
+        with tempfile.TemporaryDirectory(prefix="export_bench_") as scratch:
+            source = bundled_gguf_path()
+            runtime = Runtime("llama.cpp", "gguf", source.name, run_llama_cpp)
+            logits, seconds = run_llama_cpp(source.parent, runtime, ids, Path(scratch), args.threads, args.llama_python)
+        rows.append({"target": "(reference) llama.cpp's own GGUF", "runtime": "llama.cpp", "spec": "bundled Q4_1 file",
+                     "types": ["Q4_1", "Q8_0 (embedding)"], "file_bytes": source.stat().st_size, "exact": 0,
+                     "re-quantized": 0, "worst_weight_error": 0.0, **kl_rows(ours, logits), "export_seconds": 0.0,
+                     "prefill_tokens_per_s_target": ids.shape[1] / seconds, "prefill_tokens_per_s_hfquant": float("nan"),
+                     "tokens": ids.shape[1], "threads": args.threads})
+        print(rows[-1], flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(rows, indent=2) + "\n")
     header = ("| target | runtime | spec | GGUF/CT type | file MB | exact | re-quantized | worst weight error | "

@@ -9,7 +9,7 @@ transformers' GGUF loader also uses) decodes them, per block of consecutive inpu
 |---|---|---|---|---|
 | TQ2_0 | 256 | 64 codes, fp16 ``d`` | ``d · (t - 1)``, ``t`` 2 bits | ternary, binary (groups of 256k / per channel) |
 | Q4_0 | 32 | fp16 ``d``, 16 | ``d · (n - 8)``, ``n`` a nibble | symmetric int2/3/4, ternary, binary |
-| Q4_1 | 32 | fp16 ``d``, fp16 ``m``, 16 | ``d · n + m`` | asymmetric int2/3/4, when ``m = -zero · scale`` is a float16 |
+| Q4_1 | 32 | fp16 ``d``, fp16 ``m``, 16 | ``d · n + m`` | asymmetric int2/3/4 if ``m = -zero · scale`` is an fp16 |
 | Q8_0 | 32 | fp16 ``d``, 32 int8 | ``d · c`` | symmetric int8, fp4 (its values times 2 are integers) |
 
 (Q4_0/Q4_1: weight ``i < 16`` is the low nibble of byte ``i``, ``i + 16`` its high nibble. TQ2_0:

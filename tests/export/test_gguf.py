@@ -122,8 +122,9 @@ def test_q4_1_error_is_the_float16_rounding_of_the_min(bpe_llama, tmp_path: Path
     assert difference < 1e-2  # measured 8e-4 for weight errors up to 3e-5
 
 
-@pytest.mark.parametrize("spec, qtype", [("nf4", QType.Q4_1), ("int4-g16-sym", QType.Q4_1), ("fp8", QType.Q8_0),
-                                         ("int8-g32-asym", QType.Q8_0)], ids=lambda value: getattr(value, "name", value))
+@pytest.mark.parametrize("spec, qtype", [
+    ("nf4", QType.Q4_1), ("int4-g16-sym", QType.Q4_1), ("fp8", QType.Q8_0), ("int8-g32-asym", QType.Q8_0),
+], ids=lambda value: getattr(value, "name", value))
 def test_formats_without_a_gguf_type_are_requantized_with_their_error(spec, qtype, bpe_llama, tmp_path: Path) -> None:
     model = _quantized(bpe_llama, spec)
     report = hfquant.export(model, tmp_path / "g", to="gguf")
@@ -147,7 +148,8 @@ def test_names_metadata_and_tokenizer(bpe_llama, tmp_path: Path) -> None:
         f"blk.{i}.{name}.weight" for i in (0, 1) for name in per_block}
     fields = reader.fields
     assert fields["general.architecture"].contents() == "llama"
-    assert fields["llama.attention.head_count_kv"].contents() == 2 and fields["llama.rope.dimension_count"].contents() == 64
+    assert fields["llama.attention.head_count_kv"].contents() == 2
+    assert fields["llama.rope.dimension_count"].contents() == 64
     assert fields["tokenizer.ggml.model"].contents() == "gpt2" and fields["tokenizer.ggml.pre"].contents() == "gpt2"
     tokens, types = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()
     assert len(tokens) == 320 and tokens[310] == "[PAD310]" and types[310] == TokenType.UNUSED
@@ -196,6 +198,7 @@ def test_bundled_smollm2_exports_exactly_with_its_tokenizer(tmp_path: Path) -> N
     weight = unpermute_qk(dequantize(attn_q.data, attn_q.tensor_type), model.config.num_attention_heads)
     assert attn_q.tensor_type == QType.Q4_0 and "output.weight" not in {t.name for t in reader.tensors}  # tied
     np.testing.assert_array_equal(weight, model.model.layers[3].self_attn.q_proj.dequantized_weight().numpy())
-    ours, theirs = AutoTokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(tmp_path / "g", gguf_file=GGUF_FILE)
+    ours = AutoTokenizer.from_pretrained(path)
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "g", gguf_file=GGUF_FILE)
     text = "In 2024, the 3 quick foxes   jumped.\n\nThen <|im_start|> arrived."
     assert theirs(text).input_ids == ours(text).input_ids
