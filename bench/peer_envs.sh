@@ -24,3 +24,11 @@ done
 "$root/llmcompressor/bin/pip" install -q -c "$root/constraints.txt" --no-deps llmcompressor==0.14.0.1
 "$root/llmcompressor/bin/pip" install -q -c "$root/constraints.txt" compressed-tensors==0.19.0 \
   "auto-round>=0.14.1,<=0.15.1" "loguru>=0.7.2" "nvidia-ml-py>=12.560.30" "pillow>=10.4.0"
+# llama.cpp for bench/export.py (--llama-python "$root/llamacpp/bin/python"): llama-cpp-python built from its
+# source distribution, CPU only, without its tools and server (0.3.36 took 36 min with one compile job on a
+# busy 2-core machine).
+[ -x "$root/llamacpp/bin/python" ] || python -m venv --system-site-packages "$root/llamacpp"
+CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF \
+  -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF" "$root/llamacpp/bin/pip" install -q -c "$root/constraints.txt" \
+  --no-binary llama-cpp-python llama-cpp-python==0.3.36 diskcache \
+  || echo "peer_envs: llama-cpp-python failed to build; bench/export.py skips its llama.cpp rows" >&2

@@ -17,6 +17,7 @@ from typing import Any
 
 from hfquant.export.base import ExportReport, LayerExport, copy_side_files, load_source
 from hfquant.export.compressed_tensors import export_compressed_tensors
+from hfquant.export.gguf import export_gguf
 from hfquant.hf.saving import write_folder_atomically
 from hfquant.validation import require_bool
 
@@ -28,10 +29,12 @@ class Target:
     name: str
     write: Callable[[Any, Path, ExportReport], None]
     consumer: str  # who loads it, for messages and docs
+    side_files: bool = True  # copy the source folder's tokenizer and generation files (a GGUF file holds its own)
 
 
 TARGETS = {target.name: target for target in (
     Target("compressed-tensors", export_compressed_tensors, "transformers' compressed-tensors loader, vLLM"),
+    Target("gguf", export_gguf, "llama.cpp, transformers' GGUF loader", side_files=False),
 )}
 
 
@@ -50,7 +53,8 @@ def export(model_or_folder: Any, out: str | os.PathLike, to: str = "compressed-t
 
     def fill(staging: Path) -> None:
         TARGETS[to].write(model, staging, report)
-        report.files += copy_side_files(folder, staging)
+        if TARGETS[to].side_files:
+            report.files += copy_side_files(folder, staging)
         report.write(staging)
 
     write_folder_atomically(out, fill, source_path, overwrite)
