@@ -84,6 +84,7 @@ def _weights_differ_by_the_reported_error(model, theirs, report) -> None:
 @pytest.mark.parametrize("spec, qtype", [
     ("int8", QType.Q8_0),  # per channel: every block of a row gets the row's scale
     ("int4-g32-sym", QType.Q4_0),
+    ("int3-g64-sym", QType.Q4_0),
     ("ternary-g256", QType.TQ2_0),
     ("ternary", QType.Q4_0),  # groups of 128: not whole TQ2_0 blocks
     ("fp4", QType.Q8_0),  # e2m1 values times 2 are integers
