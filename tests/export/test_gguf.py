@@ -123,7 +123,7 @@ def test_q4_1_error_is_the_float16_rounding_of_the_min(bpe_llama, tmp_path: Path
 
 
 @pytest.mark.parametrize("spec, qtype", [
-    ("nf4", QType.Q4_1), ("int4-g16-sym", QType.Q4_1), ("fp8", QType.Q8_0), ("int8-g32-asym", QType.Q8_0),
+    ("nf4", QType.Q8_0), ("int4-g16-sym", QType.Q8_0),
 ], ids=lambda value: getattr(value, "name", value))
 def test_formats_without_a_gguf_type_are_requantized_with_their_error(spec, qtype, bpe_llama, tmp_path: Path) -> None:
     model = _quantized(bpe_llama, spec)
@@ -184,6 +184,7 @@ def test_what_gguf_cannot_hold_is_refused(bpe_llama, tiny_checkpoints, tmp_path:
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # about 70 s of CPU: the bundled model's quantization, export and 49k-token GGUF tokenizer
 def test_bundled_smollm2_exports_exactly_with_its_tokenizer(tmp_path: Path) -> None:
     from hfquant.bundled import bundled_model_path
 
