@@ -40,7 +40,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QType
 
-from hfquant.export.base import ExportReport, LayerExport, integer_grid, quantized_layers, refusal, weight_error
+from hfquant.export.base import (ExportReport, LayerExport, integer_grid, quantized_layers, refusal,
+                                 refuse_quantized_embeddings, weight_error)
 from hfquant.export.gguf_vocab import GgufVocab, read_vocab, tokenizer_folder
 from hfquant.formats import WeightFormat
 from hfquant.formats.affine import IntAffine
@@ -367,6 +368,7 @@ def write_gguf(path: Path, architecture: Architecture, config: Any, vocab: GgufV
 def export_gguf(model: Any, out: Path, report: ExportReport) -> None:
     """Write ``model`` (hfquant-quantized, Llama) into the folder ``out`` as ``model.gguf``."""
     architecture = check_architecture(model.config)
+    refuse_quantized_embeddings(TARGET, model)
     for name, layer in quantized_layers(model):
         check_layer(name, layer)
     vocab = read_vocab(tokenizer_folder(model), model.config.vocab_size)  # every refusal before the work

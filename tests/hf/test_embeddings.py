@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import hfquant
+from hfquant.export import TARGETS
 from hfquant.formats import format_names, make_format
 from hfquant.nn.qembedding import QuantEmbedding, shares_table
 from hfquant.nn.qlinear import QuantLinear
@@ -192,8 +193,10 @@ def test_header_check_covers_the_shared_table(tiny_checkpoints: dict, tmp_path: 
 def test_export_refuses_quantized_embeddings(tiny_checkpoints: dict, tmp_path: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], quantization_config=_config(
         format="int4", group_size=32, sym=True))
-    with pytest.raises(ValueError, match="quantized token embeddings are not exported yet"):
-        hfquant.export(model, tmp_path / "out", to="compressed-tensors")
+    for target in TARGETS:
+        with pytest.raises(ValueError, match="quantized token embeddings are not exported yet"):
+            hfquant.export(model, tmp_path / "out", to=target)
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_quantize_takes_embeddings(tiny_checkpoints: dict, tmp_path: Path) -> None:
