@@ -32,14 +32,19 @@ W8 = dict(format="int8", group_size=-1)
 RESULTS = Path(__file__).parent / "results"
 
 
-def rows(method: str) -> dict[str, dict | None]:
+def rows(method: str) -> dict[str, tuple[str, dict | None]]:
+    """``{key: (row name, config)}``; ``fp32`` is always run (the reference of every row)."""
     static = dict(W8, activations="int8-static", method=method)
+    down_dynamic = {"re:.*mlp\\.down_proj": dict(W8, activations="int8-dynamic")}
     return {
-        "fp32": None,
-        "W8A8 dynamic (int8-dynamic, rtn)": dict(W8, activations="int8-dynamic"),
-        f"W8A8 static minmax ({method})": dict(static, observer="minmax"),
-        f"W8A8 static percentile 99.99 ({method})": dict(static, observer="percentile", observer_percentile=99.99),
-        f"W8A8 static mse ({method})": dict(static, observer="mse"),
+        "fp32": ("fp32", None),
+        "dynamic": ("W8A8 dynamic (int8-dynamic, rtn)", dict(W8, activations="int8-dynamic")),
+        "minmax": (f"W8A8 static minmax ({method})", dict(static, observer="minmax")),
+        "percentile": (f"W8A8 static percentile 99.99 ({method})",
+                       dict(static, observer="percentile", observer_percentile=99.99)),
+        "mse": (f"W8A8 static mse ({method})", dict(static, observer="mse")),
+        "mse-down-dynamic": (f"W8A8 static mse, down_proj dynamic ({method})",
+                             dict(static, observer="mse", rules=down_dynamic)),
     }
 
 
@@ -58,6 +63,8 @@ def main() -> None:
     parser.add_argument("--method", default="rtn", help="weight method of the static rows (rtn or gptq)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="w8a8_static")
+    parser.add_argument("--rows", nargs="+", default=["dynamic", "minmax", "percentile", "mse"],
+                        choices=[k for k in rows("rtn") if k != "fp32"], help="rows besides fp32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -68,7 +75,8 @@ def main() -> None:
     test_ids = tokenize_corpus(tokenizer, brown_corpus()["test"])[:args.eval_tokens]
     models, results = {}, {}
     base_ppl = None
-    for name, cfg in rows(args.method).items():  # quality right after each row loads: partial runs keep rows
+    table = rows(args.method)
+    for name, cfg in (table[key] for key in ("fp32", *args.rows)):  # quality right after each row loads
         if cfg is not None and cfg.get("activations") == "int8-static":
             cfg = dict(cfg, num_samples=args.num_samples, seqlen=args.calib_seqlen)
         start = time.perf_counter()
@@ -115,8 +123,7 @@ def main() -> None:
         lines.append(f"| {name} | {dppl} | {r['ppl']:.3f} | {kl} | {top1} | {r['prefill_tok_s_median']:.0f} "
                      f"({r['prefill_tok_s_best']:.0f}) | {r['prefill_tok_s_median'] / fp32['prefill_tok_s_median']:.2f}x "
                      f"({r['prefill_tok_s_best'] / fp32['prefill_tok_s_best']:.2f}x) | {r['load_s']:.0f} |")
-    table = "\n".join(lines)
-    print(table)
+    print("\n".join(lines))
     print("uptime at start:", started)
     print("uptime at end:  ", ended)
     assert all(math.isfinite(r["ppl"]) for r in results.values())

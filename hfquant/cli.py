@@ -67,7 +67,7 @@ def _add_activation_args(parser: argparse.ArgumentParser) -> None:
                              "int8 modes need --format int8 --group-size -1, fp8-dynamic --format fp8; int8-static "
                              "calibrates on data, also with --method rtn)")
     parser.add_argument("--observer", default=None, choices=list(OBSERVERS),
-                        help="how int8-static input scales are chosen from the calibration inputs (default minmax)")
+                        help="how int8-static input scales are chosen from the calibration inputs (default mse)")
     parser.add_argument("--observer-percentile", type=float, default=None, metavar="P",
                         help="the percentile of |x| --observer percentile clips at (default 99.99)")
 

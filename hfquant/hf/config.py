@@ -62,8 +62,8 @@ class HfQuantConfig(QuantizationConfigMixin):
             ``"fp8-dynamic"`` (per-token e4m3 at run time, with ``format="fp8"`` weights). Per layer: a
             rule's dict may carry an ``"activations"`` key.
         observer: how ``int8-static`` scales are chosen from the calibration inputs
-            (:mod:`hfquant.calibration.observers`): ``"minmax"`` (default when a layer is static),
-            ``"percentile"`` or ``"mse"``; only with a static input mode.
+            (:mod:`hfquant.calibration.observers`): ``"minmax"``, ``"mse"`` (default when a layer is static)
+            or ``"percentile"``; only with a static input mode.
         observer_percentile: the percentile (in (0, 100]) of ``|x|`` that ``observer="percentile"``
             clips at; default 99.99; only with that observer.
         rules: ordered ``{pattern: format name | dict of format fields | None}``: per-layer schemes;

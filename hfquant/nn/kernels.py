@@ -42,6 +42,14 @@ Kernels (each a :class:`Kernel` value; the op names are torch's):
   (:func:`activation_quantized_linear`) computes the same sums exactly in float64 and dequantizes
   the same way, so kernel and reference agree bit for bit (tested). torch 2.13's CPU ``_int_mm``
   takes any shape (checked: M = 1, odd K and N), so no padding is needed.
+* ``int8-static-int-mm-cpu`` — the same ``aten._int_mm`` for ``input = int8-static``: the input is
+  rounded on the layer's calibrated per-tensor grid (``input_scale``, copied into the kernel
+  tensors when packing), then the same integer matmul and dequantization; bit-identical to the
+  reference path (tested).
+* ``fp8-dynamic-scaled-mm-cuda`` — ``aten._scaled_mm`` for ``input = fp8-dynamic``: the input is
+  rounded per token exactly as the reference path rounds it (:mod:`hfquant.activations`); the
+  float accumulation differs from the reference's float64 sums, so it agrees closely, not bit for
+  bit. Not yet run on a GPU (its maths is tested through torch's CPU ``_scaled_mm``).
 
 * ``dequant-mm-cpu`` — no torch op of its own: the reference path run in the route's compute
   dtype. It decodes the stored tensors (any format, a block of output rows at a time) into
