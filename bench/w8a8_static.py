@@ -45,6 +45,8 @@ def rows(method: str) -> dict[str, tuple[str, dict | None]]:
         "mse": (f"W8A8 static mse ({method})", dict(static, observer="mse")),
         "mse-down-dynamic": (f"W8A8 static mse, down_proj dynamic ({method})",
                              dict(static, observer="mse", rules=down_dynamic)),
+        "mse-smoothquant": (f"W8A8 static mse + smoothquant=0.5 ({method})",
+                            dict(static, observer="mse", smoothquant=0.5)),
     }
 
 
