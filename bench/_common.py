@@ -97,3 +97,29 @@ def write_results(name: str, payload: dict[str, Any], table: str) -> None:
 def load_average() -> list[float]:
     """The 1, 5 and 15 minute load averages of this machine now (``os.getloadavg``); other work skews timings."""
     return [round(value, 2) for value in os.getloadavg()]
+
+
+def interleaved_prefill_seconds(models: dict[str, Any], prompt: torch.Tensor, repeats: int) -> dict[str, list[float]]:
+    """Seconds of a no-cache forward pass over ``prompt`` per model, after one warm-up each, the models
+    taken round-robin ``repeats`` times so a busy machine slows them alike."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.no_grad():
+        for model in models.values():
+            model(prompt, use_cache=False)  # warm-up
+        for _ in range(repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(prompt, use_cache=False)
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def run_rows_persisted(script: str, argv: list[str], rows: list[str], name: str) -> tuple[list[dict], list[list[float]]]:
+    """Each row by :func:`run_row_process`, with the load average before it; finished rows are kept in
+    ``bench/results/<name>.partial.json`` as they come, so an interrupted run loses at most one row."""
+    results, loads = [], []
+    for row in rows:
+        loads.append(load_average())
+        results.append(run_row_process(script, argv, row))
+        (RESULTS / f"{name}.partial.json").write_text(json.dumps({"argv": argv, "rows": results}))
+    return results, loads

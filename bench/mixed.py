@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import RESULTS, environment, load_average, run_row_process, write_results  # noqa: E402
+from _common import RESULTS, environment, run_rows_persisted, write_results  # noqa: E402
 
 CANDIDATES = ["int2-g64", "int3-g128", "int4-g128", "int8"]
 UNIFORM = {2.5: "int2-g64", 3.25: "int3-g128", 4.25: "int4-g128"}
@@ -175,11 +175,7 @@ def main() -> None:
         rows += [f"uniform:{UNIFORM[budget]}"] if budget in UNIFORM else []
         rows += [f"auto:{budget}", f"naive:{budget}"]
     rows += ["rank"] if args.rank_layers else []
-    results, loads = [], []
-    for row in rows:
-        loads.append(load_average())
-        results.append(run_row_process(__file__, sys.argv[1:], row))
-        (RESULTS / f"{args.name}.partial.json").write_text(json.dumps({"args": vars(args), "rows": results}))
+    results, loads = run_rows_persisted(__file__, sys.argv[1:], rows, args.name)
     ok = [r for r in results if "report" in r]
     ranks = [r["rank"] for r in results if "rank" in r]
     reports = [EvalReport.from_dict(r["report"]) for r in ok]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import RESULTS, environment, load_average, run_row_process, write_results  # noqa: E402
+from _common import RESULTS, environment, run_rows_persisted, write_results  # noqa: E402
 
 KINDS = ("rtn", "gptq", "qat", "qat-distill")
 
@@ -88,11 +88,7 @@ def main() -> None:
     from hfquant.evaluation import EvalReport, markdown_table
 
     rows = ["fp32", *(f"{fmt}:{kind}" for fmt in args.formats for kind in args.kinds)]
-    results, loads = [], []
-    for row in rows:
-        loads.append(load_average())
-        results.append(run_row_process(__file__, sys.argv[1:], row))
-        (RESULTS / f"{args.name}.partial.json").write_text(json.dumps({"args": vars(args), "rows": results}))
+    results, loads = run_rows_persisted(__file__, sys.argv[1:], rows, args.name)
     ok = [r for r in results if "report" in r]
     reports = [EvalReport.from_dict(r["report"]) for r in ok]
     budget = (f"QAT budget per row: {args.steps} steps x batch {args.batch_size} x {args.train_seqlen} tokens "

@@ -10,10 +10,11 @@ with the ``torch._int_mm`` route (its reference path gives the same logits bit f
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import os
 import statistics
-import time
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -21,6 +22,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import hfquant
 from hfquant.bundled import brown_corpus, bundled_model_path
 from hfquant.evaluation.perplexity import perplexity_gptq, tokenize_corpus
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import interleaved_prefill_seconds  # noqa: E402
 
 ROWS = {
     "fp32": None,
@@ -44,15 +48,7 @@ def main() -> None:
         path, quantization_config=None if cfg is None else hfquant.HfQuantConfig(**cfg)).eval()
         for name, cfg in ROWS.items()}
     prompt = test_ids[:args.tokens].unsqueeze(0)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.no_grad():
-        for model in models.values():
-            model(prompt, use_cache=False)  # warm-up
-        for _ in range(args.repeats):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(prompt, use_cache=False)
-                times[name].append(time.perf_counter() - start)
+    times = interleaved_prefill_seconds(models, prompt, args.repeats)
     for name in models:
         print(name, "prefill tok/s", args.tokens / statistics.median(times[name]), times[name], flush=True)
     results = {}

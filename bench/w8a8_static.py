@@ -13,6 +13,7 @@ Brown train split, with the weights rounded to nearest (``--method rtn``, defaul
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import math
 import statistics
@@ -27,6 +28,9 @@ import hfquant
 from hfquant.bundled import brown_corpus, bundled_model_path
 from hfquant.evaluation.drift import drift
 from hfquant.evaluation.perplexity import perplexity_gptq, tokenize_corpus
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import interleaved_prefill_seconds  # noqa: E402
 
 W8 = dict(format="int8", group_size=-1)
 RESULTS = Path(__file__).parent / "results"
@@ -97,15 +101,7 @@ def main() -> None:
         models[name], results[name] = model, row
         print(name, json.dumps(row), uptime(), flush=True)
     prompt = test_ids[:args.tokens].unsqueeze(0)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.no_grad():
-        for model in models.values():
-            model(prompt, use_cache=False)  # warm-up
-        for _ in range(args.repeats):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(prompt, use_cache=False)
-                times[name].append(time.perf_counter() - start)
+    times = interleaved_prefill_seconds(models, prompt, args.repeats)
     for name, row in results.items():
         row.update(prefill_s=times[name], prefill_tok_s_median=args.tokens / statistics.median(times[name]),
                    prefill_tok_s_best=args.tokens / min(times[name]))
@@ -115,8 +111,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(payload, indent=2) + "\n")
     fp32 = results["fp32"]
-    lines = [f"| row | ΔPPL (± SE) | PPL | mean KL ± SE (tokens; windows) | top-1 | prefill tok/s median (best) "
-             f"| median vs fp32 (best vs best) | load+calibration s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | ΔPPL (± SE) | PPL | mean KL ± SE (tokens; windows) | top-1 | prefill tok/s median (best) "
+             "| median vs fp32 (best vs best) | load+calibration s |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         dppl = "—" if name == "fp32" else f"{100 * (r['ppl_ratio'] - 1):+.2f} % (± {100 * r['ppl_ratio_stderr']:.2f})"
         kl = "—" if name == "fp32" else (f"{r['mean_kl']:.4f} ± {r['mean_kl_stderr']:.4f}; "

@@ -11,14 +11,13 @@ already swapped in, so a layer's scale is calibrated on the inputs the quantized
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 
 from hfquant.activations import ActivationMode
 from hfquant.calibration.observers import AbsHistogram, Observer, add_to_histogram
 from hfquant.calibration.pipeline import LayerwiseSolver
-from hfquant.formats import QuantizedWeight, WeightFormat
+from hfquant.formats import QuantizedWeight
 
 
 class ObservingSolver:

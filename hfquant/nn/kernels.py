@@ -83,7 +83,6 @@ below the weight quantization error of any format here. :data:`KERNEL_MODES` cho
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hfquant.formats import QuantizedWeight, WeightFormat
-from hfquant.nn.qlinear import QuantLinear
+from hfquant.nn.qlinear import QuantLinear, apply_keeping_dtypes
 from hfquant.schemes import LayerScheme
 
 
@@ -103,16 +103,7 @@ class QuantEmbedding(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # same signature as nn.Module._apply
         """``.to()``/``.half()``: stored tensors move but keep their dtype; ``dtype_anchor`` follows a cast."""
-        order = list(self._parameters)
-        stored = {name: self._parameters.pop(name) for name in self.specs}
-        module = super()._apply(fn, recurse)
-        for param in stored.values():
-            moved = fn(param.data)
-            if moved.dtype != param.dtype:  # a cast: stored tensors only move
-                moved = param.data.to(device=moved.device)
-            param.data = moved
-        self._parameters = {name: stored[name] if name in stored else self._parameters[name] for name in order}
-        return module
+        return apply_keeping_dtypes(self, fn, recurse, tuple(self.specs))
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.scheme.name}, "

@@ -147,15 +147,7 @@ class QuantLinear(nn.Module):
         """``.to()``/``.cuda()``/``.half()``: stored tensors move but keep their dtype; kernels are repacked."""
         request = self._kernel_request
         self.release_kernel()
-        order = list(self._parameters)
-        stored = {name: self._parameters.pop(name) for name in (*self.specs, *self.input_specs)}
-        module = super()._apply(fn, recurse)
-        for param in stored.values():
-            moved = fn(param.data)
-            if moved.dtype != param.dtype:  # a cast: stored tensors only move
-                moved = param.data.to(device=moved.device)
-            param.data = moved
-        self._parameters = {name: stored[name] if name in stored else self._parameters[name] for name in order}
+        module = apply_keeping_dtypes(self, fn, recurse, (*self.specs, *self.input_specs))
         if request is not None:
             dtype, widen, mode = request
             probe = fn(torch.empty(0, dtype=dtype, device=self.weight.device))  # what fn does to activations
@@ -169,6 +161,21 @@ class QuantLinear(nn.Module):
 
 
 _KERNEL_PREFIX = "kernel_"
+
+
+def apply_keeping_dtypes(module: nn.Module, fn, recurse: bool, names: tuple[str, ...]) -> nn.Module:  # noqa: ANN001
+    """``nn.Module._apply(fn)`` for ``module``, but its parameters ``names`` (stored quantized tensors)
+    only move: a cast in ``fn`` leaves their dtype as it is."""
+    order = list(module._parameters)
+    stored = {name: module._parameters.pop(name) for name in names}
+    result = nn.Module._apply(module, fn, recurse)
+    for param in stored.values():
+        moved = fn(param.data)
+        if moved.dtype != param.dtype:  # a cast: stored tensors only move
+            moved = param.data.to(device=moved.device)
+        param.data = moved
+    module._parameters = {name: stored[name] if name in stored else module._parameters[name] for name in order}
+    return result
 
 
 class _InputGradient(torch.autograd.Function):
