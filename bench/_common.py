@@ -121,5 +121,5 @@ def run_rows_persisted(script: str, argv: list[str], rows: list[str], name: str)
     for row in rows:
         loads.append(load_average())
         results.append(run_row_process(script, argv, row))
-        (RESULTS / f"{name}.partial.json").write_text(json.dumps({"argv": argv, "rows": results}))
+        (RESULTS / f"{name}.partial.json").write_text(json.dumps({"argv": argv, "rows": results, "loads": loads}))
     return results, loads

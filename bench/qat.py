@@ -79,16 +79,27 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8192, help="evaluation tokens (test split)")
     parser.add_argument("--num-samples", type=int, default=32, help="GPTQ calibration samples")
     parser.add_argument("--calib-seqlen", type=int, default=512)
+    parser.add_argument("--from-partial", action="store_true",
+                        help="write the results of the rows finished so far (<name>.partial.json) and stop")
     parser.add_argument("--row", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.row:
         print("ROW" + json.dumps(run_row(args, args.row)))
         return
+    if args.from_partial:
+        partial = json.loads((RESULTS / f"{args.name}.partial.json").read_text())
+        results, loads = partial["rows"], partial.get("loads", "not recorded")
+    else:
+        rows = ["fp32", *(f"{fmt}:{kind}" for fmt in args.formats for kind in args.kinds)]
+        results, loads = run_rows_persisted(__file__, sys.argv[1:], rows, args.name)
+    write_report(args, results, loads)
+    (RESULTS / f"{args.name}.partial.json").unlink(missing_ok=True)
 
+
+def write_report(args: argparse.Namespace, results: list[dict], loads: object) -> None:
+    """``bench/results/<name>.{json,md,png}`` of the finished rows."""
     from hfquant.evaluation import EvalReport, markdown_table
 
-    rows = ["fp32", *(f"{fmt}:{kind}" for fmt in args.formats for kind in args.kinds)]
-    results, loads = run_rows_persisted(__file__, sys.argv[1:], rows, args.name)
     ok = [r for r in results if "report" in r]
     reports = [EvalReport.from_dict(r["report"]) for r in ok]
     budget = (f"QAT budget per row: {args.steps} steps x batch {args.batch_size} x {args.train_seqlen} tokens "
@@ -102,7 +113,6 @@ def main() -> None:
               if "error" in r]
     text = "\n".join([budget, "", markdown_table(reports, baseline=reports[0]), "", *training, *failed])
     write_results(args.name, {"env": environment(), "args": vars(args), "rows": results}, text)
-    (RESULTS / f"{args.name}.partial.json").unlink(missing_ok=True)
     plot_losses([r for r in ok if "losses" in r], RESULTS / f"{args.name}.png")
 
 
