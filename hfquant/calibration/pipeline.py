@@ -76,6 +76,13 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
                      f"num_hidden_layers={depth} modules")
 
 
+def outside_blocks(model: nn.Module, names: list[str]) -> list[str]:
+    """Those of the module ``names`` that are not inside the model's decoder blocks (the engine never sees their inputs)."""
+    blocks = find_blocks(model)
+    prefix = next(f"{name}." for name, module in model.named_modules() if module is blocks)
+    return [name for name in names if not name.startswith(prefix)]
+
+
 @torch.inference_mode()
 def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[torch.Tensor]) -> list[BlockInputs]:
     """Run the model up to ``first_block`` on each batch and keep what the block receives."""

@@ -11,7 +11,7 @@ from hfquant.algorithms.smoothquant import SmoothQuant
 from hfquant.calibration.data import (calibration_batches, check_calibration_inputs, describe_source,
                                       is_tokenized, tokenized_batch)
 from hfquant.calibration.observers import OBSERVERS
-from hfquant.calibration.pipeline import BlockTransform, quantize_sequentially
+from hfquant.calibration.pipeline import BlockTransform, outside_blocks, quantize_sequentially
 from hfquant.calibration.static import ObservingSolver
 from hfquant.hf.config import HfQuantConfig
 from hfquant.formats import QuantizedWeight
@@ -99,6 +99,11 @@ def calibrate_and_quantize(model: PreTrainedModel, config: HfQuantConfig, batch_
     mode is calibrated (``int8-static``) get their stored input tensors from ``config.observer`` on the
     inputs the engine shows the method (a data-free method then runs through the engine too)."""
     check_finite_weights(model, list(config.plan.layers))
+    observed = {name: s.input for name, s in config.plan.layers.items() if s.input is not None and s.input.calibrated}
+    for name in outside_blocks(model, list(observed)):  # before any calibration work
+        raise ValueError(f"layer {name} is outside the decoder blocks, so its inputs are not observed during "
+                         f"calibration; activations={observed[name].name!r} is allowed only on layers inside "
+                         "them (give this layer a rule without it, or keep it in full precision)")
     tokens = calibration_tokens(model, config)
     batches = list(tokens.split(batch_size))
     if config.target_bits is not None:
@@ -106,7 +111,6 @@ def calibrate_and_quantize(model: PreTrainedModel, config: HfQuantConfig, batch_
     layers = config.plan.layers
     method = get_method(config.method)
 
-    observed = {name: s.input for name, s in layers.items() if s.input is not None and s.input.calibrated}
     formats = {name: scheme.weight for name, scheme in layers.items()}
     solver = ObservingSolver(method.solver(config.options, formats) if method.calibrated
                              else DataFreeSolver(method.quantize, config.options, formats),
@@ -124,10 +128,6 @@ def calibrate_and_quantize(model: PreTrainedModel, config: HfQuantConfig, batch_
         targets = {name: model.get_submodule(name) for name in layers}
         done = quantize_sequentially(model, batches, targets, solver, float_weight, replace, transforms=transforms)
     for name in [n for n in layers if n not in set(done)]:  # data-free, or outside the decoder blocks
-        if name in observed:
-            raise ValueError(f"layer {name} is outside the decoder blocks, so its inputs are not observed during "
-                             f"calibration; activations={observed[name].name!r} is allowed only on layers inside "
-                             "them (give this layer a rule without it, or keep it in full precision)")
         if done:
             logger.info("hfquant: %s is outside the decoder blocks; quantizing it with %s's data-free path",
                         name, method.name)
