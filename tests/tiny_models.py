@@ -7,6 +7,8 @@ import string
 import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import (
+    Trainer,
+    TrainingArguments,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -70,3 +72,15 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", model_max_length=128)
+
+
+def train_with_trainer(model: PreTrainedModel, out: str, steps: int, learning_rate: float) -> list[float]:
+    """A few Trainer steps on 8 random 16-token rows (the model's own ids as labels); the loss per step."""
+    torch.manual_seed(0)
+    rows = [{"input_ids": row, "labels": row} for row in torch.randint(0, VOCAB, (8, 16))]
+    args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4,
+                             learning_rate=learning_rate, report_to=[], save_strategy="no", logging_steps=1,
+                             use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    return [log["loss"] for log in trainer.state.log_history if "loss" in log]

@@ -20,22 +20,15 @@ import torch
 from hfquant.formats import format_from_dict, format_names, make_format, parse_spec
 from hfquant.formats.base import WeightFormat
 from hfquant.packing import unpack
+from format_cases import registered_format_variants
 
 SHAPES = [(1, 37), (3, 40), (5, 130)]
 
 
-def _formats() -> list[WeightFormat]:
-    """Each name's format (aliases once), plus its 16-column-group variant where it has groups."""
-    formats: list[WeightFormat] = []
-    for name in format_names():
-        fmt = make_format(name)
-        variants = [fmt, make_format(name, group_size=16)] if fmt.grouped and fmt.group_size != 16 else [fmt]
-        formats += [v for v in variants if v not in formats]
-    return formats
 
 
 NON_DEFAULT_LAYOUTS = ["ternary-g16-absmean-base3"]  # stored layouts no name has by default
-FORMATS = _formats() + [parse_spec(spec) for spec in NON_DEFAULT_LAYOUTS]
+FORMATS = registered_format_variants() + [parse_spec(spec) for spec in NON_DEFAULT_LAYOUTS]
 AFFINE = [fmt for fmt in FORMATS if hasattr(fmt, "affine")]
 
 

@@ -11,23 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hfquant.formats import format_names, make_format
+from hfquant.formats import make_format
 from hfquant.formats.base import WeightFormat
 from hfquant.nn.qembedding import QuantEmbedding, lookup, reference_lookup, shares_table, tie_head
 from hfquant.nn.qlinear import QuantLinear
 from hfquant.schemes import LayerScheme
+from format_cases import registered_format_variants
 
 
-def _formats() -> list[WeightFormat]:
-    formats: list[WeightFormat] = []
-    for name in format_names():
-        fmt = make_format(name)
-        variants = [fmt, make_format(name, group_size=16)] if fmt.grouped and fmt.group_size != 16 else [fmt]
-        formats += [v for v in variants if v not in formats]
-    return formats
-
-
-FORMATS = _formats()
+FORMATS = registered_format_variants()
 SHAPES = [(37, 40), (5, 130), (64, 16)]  # (num_embeddings, embedding_dim): odd sizes, a short last group
 
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM
 
 import hfquant
 import hfquant.qat
 from hfquant.nn.qlinear import QuantLinear
 from hfquant.qat import FakeQuantLinear
-from tiny_models import build
+from tiny_models import build, train_with_trainer
 
 IDS = torch.tensor([[5, 17, 99, 3, 42, 64, 8, 120, 77, 1, 2, 31, 9]])
 
@@ -30,13 +30,7 @@ def float_folder(tmp_path: Path) -> Path:
 
 
 def _train(model: torch.nn.Module, out: Path, steps: int) -> list[float]:
-    torch.manual_seed(0)
-    rows = [{"input_ids": row, "labels": row} for row in torch.randint(0, 128, (8, 16))]
-    args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, learning_rate=3e-3,
-                             report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=rows)
-    trainer.train()
-    return [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    return train_with_trainer(model, str(out), steps, learning_rate=3e-3)
 
 
 @pytest.mark.parametrize("learn", [False, True])

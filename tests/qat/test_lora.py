@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM
 
 import hfquant
 from hfquant.nn.qlinear import QuantLinear
-from tiny_models import build
+from tiny_models import build, train_with_trainer
 
 peft = pytest.importorskip("peft")
 hfquant_lora = pytest.importorskip("hfquant.lora")
@@ -46,13 +46,7 @@ def _packed_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _train(model: torch.nn.Module, out: Path, steps: int) -> list[float]:
-    torch.manual_seed(0)
-    rows = [{"input_ids": row, "labels": row} for row in torch.randint(0, 128, (8, 16))]
-    args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
-                             report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=rows)
-    trainer.train()
-    return [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    return train_with_trainer(model, str(out), steps, learning_rate=1e-2)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "opt", "gpt2"])
