@@ -243,6 +243,18 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported to {args.out} (per-layer report: hfquant-export.json)")
 
 
+def cmd_install_hook(args: argparse.Namespace) -> None:
+    from hfquant.hook import install_hook, remove_hook
+
+    if args.remove:
+        removed = remove_hook(args.site_dir)
+        print(f"removed {removed}" if removed else "no hfquant hook was installed there")
+        return
+    path = install_hook(args.site_dir)
+    print(f"wrote {path}: Python processes of this environment now load hfquant checkpoints without "
+          "`import hfquant` (undo: hfquant install-hook --remove)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hfquant", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -337,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true",
                         help="replace OUT even if it is a non-empty folder hfquant did not write")
     export.set_defaults(func=cmd_export)
+
+    hook = sub.add_parser("install-hook", help="let processes of this environment that never import hfquant load "
+                          "its checkpoints (a .pth start-up hook in site-packages)")
+    hook.add_argument("--remove", action="store_true", help="remove the hook instead")
+    hook.add_argument("--site-dir", default=None, help="the site-packages folder (default: this environment's)")
+    hook.set_defaults(func=cmd_install_hook)
     return parser
 
 
