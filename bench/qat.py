@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--from-partial", action="store_true",
                         help="write the results of the rows finished so far (<name>.partial.json) and stop")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the finished rows of bench/results/<name>.json (same budget) and run only the others")
     parser.add_argument("--row", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.row:
@@ -91,9 +93,29 @@ def main() -> None:
         results, loads = partial["rows"], partial.get("loads", "not recorded")
     else:
         rows = ["fp32", *(f"{fmt}:{kind}" for fmt in args.formats for kind in args.kinds)]
+        kept, kept_loads = rows_to_keep(args) if args.merge else ([], [])
+        rows = [row for row in rows if row not in {r["row"] for r in kept}]
         results, loads = run_rows_persisted(__file__, sys.argv[1:], rows, args.name)
+        results, loads = kept + results, kept_loads + loads
     write_report(args, results, loads)
     (RESULTS / f"{args.name}.partial.json").unlink(missing_ok=True)
+
+
+BUDGET_ARGS = ("steps", "batch_size", "train_seqlen", "lr", "seqlen", "max_tokens", "num_samples", "calib_seqlen")
+
+
+def rows_to_keep(args: argparse.Namespace) -> tuple[list[dict], list]:
+    """The finished rows of ``bench/results/<name>.json`` (``--merge``), if they ran on the same budget."""
+    previous = RESULTS / f"{args.name}.json"
+    if not previous.exists():
+        return [], []
+    saved = json.loads(previous.read_text())
+    differing = [k for k in BUDGET_ARGS if saved["args"].get(k) != getattr(args, k)]
+    if differing:
+        raise SystemExit(f"--merge: {previous} ran with other {differing}; a table needs one budget for every row")
+    rows = [r for r in saved["rows"] if "report" in r]
+    loads = saved.get("loads", [None] * len(saved["rows"]))
+    return rows, [load for r, load in zip(saved["rows"], loads) if "report" in r]
 
 
 def write_report(args: argparse.Namespace, results: list[dict], loads: object) -> None:
@@ -112,7 +134,7 @@ def write_report(args: argparse.Namespace, results: list[dict], loads: object) -
     failed = [f"- {r['row']}: failed: {r['error'].splitlines()[-1] if r['error'] else '?'}" for r in results
               if "error" in r]
     text = "\n".join([budget, "", markdown_table(reports, baseline=reports[0]), "", *training, *failed])
-    write_results(args.name, {"env": environment(), "args": vars(args), "rows": results}, text)
+    write_results(args.name, {"env": environment(), "args": vars(args), "rows": results, "loads": loads}, text)
     plot_losses([r for r in ok if "losses" in r], RESULTS / f"{args.name}.png")
 
 
